@@ -1,0 +1,132 @@
+"""Prompts with a placeholder word whose embedding is replaced by learnt word embeddings.
+
+ELITE writes a prompt such as "a photo of a S" and swaps the token embedding of `S` for the words
+its mapping network predicts (w0 alone at inference, w0..w4 during training). The placeholder is a
+plain word (`S`, as the authors use); no tokenizer entry is added.
+
+How: the prompt is tokenized with the placeholder repeated once per injected word, so every later
+token (the end-of-text token included) moves right exactly as if N real words stood there; then a
+forward hook on the text encoder's token-embedding layer overwrites those N rows with the given
+embeddings. Everything after the embedding layer (positions, causal mask, layers, pooling) is the
+unmodified `CLIPTextModel`, and gradients flow from the output back into the injected words.
+
+The placeholder is found in the token ids, not by counting whitespace words as the authors' code
+does (that is off by one whenever an earlier word splits into several tokens, e.g. "close-up").
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from transformers import CLIPTextModel, CLIPTokenizer
+
+DEFAULT_PLACEHOLDER = "S"
+
+
+def placeholder_token_id(tokenizer: CLIPTokenizer, placeholder: str = DEFAULT_PLACEHOLDER) -> int:
+    """The single token id of `placeholder` (raises if the tokenizer splits it)."""
+    ids = tokenizer(placeholder, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(
+            f"The placeholder {placeholder!r} is {len(ids)} tokens for this tokenizer; "
+            "choose a placeholder that is a single token (the default 'S' is)."
+        )
+    return ids[0]
+
+
+def tokenize_with_placeholder(
+    tokenizer: CLIPTokenizer,
+    prompts: list[str],
+    num_words: int,
+    placeholder: str = DEFAULT_PLACEHOLDER,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids with the placeholder repeated `num_words` times, and where it starts.
+
+    Returns `input_ids` (batch, max_length), padded like diffusers pads prompts, and
+    `start` (batch,): the position of the first placeholder token (the start-of-text token is
+    position 0, so the first prompt word is position 1).
+    """
+    if num_words < 1:
+        raise ValueError(f"num_words must be at least 1, got {num_words}.")
+    placeholder_id = placeholder_token_id(tokenizer, placeholder)
+    max_length = tokenizer.model_max_length
+    rows, starts = [], []
+    for prompt in prompts:
+        ids = tokenizer(prompt).input_ids  # with start- and end-of-text tokens
+        positions = [i for i, token in enumerate(ids) if token == placeholder_id]
+        if not positions:
+            raise ValueError(f"The prompt {prompt!r} does not contain the placeholder word {placeholder!r}.")
+        if len(positions) > 1:
+            raise ValueError(
+                f"The prompt {prompt!r} contains the placeholder word {placeholder!r} "
+                f"{len(positions)} times; it must appear exactly once."
+            )
+        start = positions[0]
+        ids = ids[:start] + [placeholder_id] * num_words + ids[start + 1:]
+        if len(ids) > max_length:
+            raise ValueError(
+                f"The prompt {prompt!r} is {len(ids)} tokens once the placeholder is expanded to "
+                f"{num_words} word(s); the text encoder takes at most {max_length}. Shorten the prompt."
+            )
+        rows.append(ids + [tokenizer.pad_token_id] * (max_length - len(ids)))
+        starts.append(start)
+    return torch.tensor(rows), torch.tensor(starts)
+
+
+@contextmanager
+def injected_token_embeddings(text_encoder: CLIPTextModel, positions: torch.Tensor, words: torch.Tensor):
+    """While active, the token-embedding layer's output at `positions` is replaced by `words`.
+
+    positions: (batch, num_words) token positions; words: (batch, num_words, width).
+    The hook is removed on exit, also when the body raises.
+    """
+    batch_index = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
+
+    def replace(module, inputs, output):  # output: (batch, seq, width)
+        if output.shape[0] != positions.shape[0]:
+            raise RuntimeError("injected_token_embeddings: the encoded batch is not the one the words were given for.")
+        index = (batch_index.to(output.device), positions.to(output.device))
+        return output.index_put(index, words.to(output.dtype))  # out of place: gradients reach `words`
+
+    handle = text_encoder.get_input_embeddings().register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def encode_prompts_with_words(
+    prompts: str | list[str],
+    words: torch.Tensor,
+    tokenizer: CLIPTokenizer,
+    text_encoder: CLIPTextModel,
+    placeholder: str = DEFAULT_PLACEHOLDER,
+) -> torch.Tensor:
+    """Encode prompts whose placeholder is replaced by the given word embeddings.
+
+    prompts: one prompt (used for every batch row) or a list of `batch` prompts.
+    words: (batch, num_words, width) or (num_words, width) for a batch of one; `width` is the
+        text encoder's hidden size (768 for sd14). All `num_words` words go where the placeholder
+        was, in order (w0 first).
+    Returns the prompt embeddings (batch, 77, width): `last_hidden_state`, what the UNet attends to.
+    """
+    if words.dim() == 2:
+        words = words[None]
+    if words.dim() != 3:
+        raise ValueError(f"words must be (batch, num_words, width) or (num_words, width); got shape {tuple(words.shape)}.")
+    batch, num_words, width = words.shape
+    expected_width = text_encoder.config.hidden_size
+    if width != expected_width:
+        raise ValueError(
+            f"The word embeddings are {width} wide but this text encoder's embeddings are "
+            f"{expected_width} wide; the mapper and the components must come from the same preset."
+        )
+    if isinstance(prompts, str):
+        prompts = [prompts] * batch
+    if len(prompts) != batch:
+        raise ValueError(f"Got {len(prompts)} prompts for a batch of {batch} word sets; give one prompt per row, or a single prompt.")
+    input_ids, start = tokenize_with_placeholder(tokenizer, list(prompts), num_words, placeholder)
+    positions = start[:, None] + torch.arange(num_words)
+    device = text_encoder.device
+    with injected_token_embeddings(text_encoder, positions.to(device), words.to(device)):
+        return text_encoder(input_ids.to(device)).last_hidden_state

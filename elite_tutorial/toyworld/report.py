@@ -1,0 +1,230 @@
+"""The toy world's figures, measured on the shipped weights: `elite-toy-report` prints them as JSON.
+
+- size of `assets/`; time to `load_components("toy")`; one 25-step generation (CPU, benchmark);
+- VAE reconstruction PSNR on held-out scenes;
+- the judge's own accuracy on held-out renders;
+- toy CLIP: how often it picks an image's caption among 10;
+- prompt adherence: generate from held-out prompts (attributes randomly left out, prefixes or plain),
+  judge the images, score the attributes each prompt named;
+- cross-attention localisation: noise a held-out scene, run the UNet with its caption and compare the
+  shape word's attention inside and outside the object's true mask, at the 16 x 16 layers.
+
+Held-out scenes use seeds from `HELD_OUT_SEED` on, which no training pool reaches.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import CLIPModel
+
+from ..attention_maps import cross_attention_layers, record_cross_attention
+from ..components import ASSETS_DIR, Components, load_components
+from .judge import ToyJudge, accuracy
+from .pretrain import HELD_OUT_SEED, clip_normalise, tokenize
+from .render import SIZE, caption, exact_scene, random_spec
+
+EVAL_DIR = ASSETS_DIR / "toy-eval"
+
+
+def held_out_specs(count: int, offset: int = 0, two_object_probability: float = 0.0):
+    return [random_spec(np.random.default_rng(HELD_OUT_SEED + offset + i), two_object_probability) for i in range(count)]
+
+
+def _pixels(images: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).to(device)
+
+
+def folder_megabytes(folder: Path) -> float:
+    return round(sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 1e6, 2)
+
+
+@torch.no_grad()
+def vae_psnr(components: Components, count: int = 500) -> float:
+    images = np.stack([exact_scene(s).image for s in held_out_specs(count, two_object_probability=0.25)])
+    x = _pixels(images, components.device) * 2 - 1
+    psnrs = []
+    for batch in x.split(100):
+        rec = components.vae.decode(components.vae.encode(batch).latent_dist.mode()).sample.clamp(-1, 1)
+        mse = ((rec - batch) / 2).square().flatten(1).mean(1)
+        psnrs.append(10 * torch.log10(1 / mse))
+    return round(float(torch.cat(psnrs).mean()), 2)
+
+
+def _projected(features) -> torch.Tensor:
+    """CLIP's projected features: transformers 5 wraps them in an output's `pooler_output`."""
+    return features if torch.is_tensor(features) else features.pooler_output
+
+
+@torch.no_grad()
+def clip_retrieval(clip: CLIPModel, tokenizer, count: int = 500, choices: int = 10) -> float:
+    """Fraction of held-out images whose own caption scores highest among `choices` captions."""
+    scenes = [exact_scene(s) for s in held_out_specs(count, offset=10_000, two_object_probability=0.25)]
+    device = clip.device
+    pixels = clip_normalise(_pixels(np.stack([s.image for s in scenes]), device))
+    ids = tokenize(tokenizer, [s.caption for s in scenes], "longest").to(device)
+    image_features = F.normalize(_projected(clip.get_image_features(pixel_values=pixels)), dim=-1)
+    text_features = F.normalize(_projected(clip.get_text_features(input_ids=ids)), dim=-1)
+    rng = np.random.default_rng(0)
+    correct = 0
+    for i in range(count):
+        others = rng.choice([j for j in range(count) if j != i], size=choices - 1, replace=False)
+        candidates = np.concatenate([[i], others])
+        correct += int((image_features[i] @ text_features[candidates].T).argmax() == 0)
+    return round(correct / count, 4)
+
+
+def judge_accuracy(judge: ToyJudge, count: int = 1000) -> dict[str, float]:
+    specs = held_out_specs(count, offset=20_000)
+    images = np.stack([exact_scene(s).image for s in specs])
+    return {k: round(v, 4) for k, v in accuracy(judge, images, [s.labels() for s in specs]).items()}
+
+
+def prompted_attributes(prompt: str, labels: dict[str, str]) -> dict[str, str]:
+    """The attributes a prompt actually names (the caption generator leaves some out)."""
+    from .render import POSITION_PHRASES
+    words = prompt.replace(",", " ").split()
+    named = {k: v for k, v in labels.items() if k not in ("position", "pattern") and v in words}
+    if POSITION_PHRASES[labels["position"]] in prompt:
+        named["position"] = labels["position"]
+    if labels["pattern"] in words:
+        named["pattern"] = labels["pattern"]
+    return named
+
+
+@torch.no_grad()
+def prompt_adherence(components: Components, judge: ToyJudge, count: int = 500, steps: int = 25,
+                     guidance: float = 7.5, batch: int = 50, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    specs = held_out_specs(count, offset=30_000)
+    prompts = [caption(s, rng, drop=0.3) for s in specs]
+    pipe = components.text_to_image_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for start in tqdm(range(0, count, batch), desc="prompt adherence"):
+        out = pipe(prompts[start:start + batch], num_inference_steps=steps, guidance_scale=guidance,
+                   height=SIZE, width=SIZE, output_type="np",
+                   generator=torch.Generator(components.device).manual_seed(seed + start))
+        images.append((out.images * 255).round().astype(np.uint8))
+    images = np.concatenate(images)
+    named = [prompted_attributes(p, s.labels()) for p, s in zip(prompts, specs)]
+    per_attribute = accuracy(judge, images, named)
+    predicted = judge.predict(images)
+    hits = [predicted[k][i] == v for i, n in enumerate(named) for k, v in n.items()]
+    plain = [i for i, p in enumerate(prompts) if not p.startswith(("a photo", "a picture", "an image", "a rendering"))]
+    plain_hits = [predicted[k][i] == v for i in plain for k, v in named[i].items()]
+    return {"mean_over_prompted_attributes": round(float(np.mean(hits)), 4),
+            "per_attribute": {k: round(v, 4) for k, v in per_attribute.items()},
+            "plain_prompts": len(plain), "plain_prompts_mean": round(float(np.mean(plain_hits)), 4),
+            "prompts": count, "steps": steps, "guidance": guidance,
+            "examples": [(prompts[i], images[i]) for i in range(8)]}
+
+
+@torch.no_grad()
+def attention_localisation(components: Components, count: int = 200, timesteps=(200, 400, 600, 800)) -> dict:
+    """Mean attention of the shape word inside its true mask / outside, at the largest-map layers."""
+    unet, vae = components.unet, components.vae
+    specs = held_out_specs(count, offset=40_000)
+    scenes = [exact_scene(s) for s in specs]
+    layers = cross_attention_layers(unet)
+    latent_side = unet.config.sample_size
+    sizes = {name: _layer_resolution(unet, name) for name in layers}
+    top = [name for name in layers if sizes[name] == latent_side]
+    ratios, inside, outside = [], [], []
+    generator = torch.Generator().manual_seed(0)
+    for start in range(0, count, 50):
+        chunk = scenes[start:start + 50]
+        x = _pixels(np.stack([s.image for s in chunk]), components.device) * 2 - 1
+        latents = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+        ids = tokenize(components.tokenizer, [s.caption for s in chunk]).to(components.device)
+        context = components.text_encoder(ids).last_hidden_state
+        shape_ids = [components.tokenizer(s.spec.objects[0].shape, add_special_tokens=False).input_ids[0] for s in chunk]
+        positions = torch.tensor([row.tolist().index(t) for row, t in zip(ids.cpu(), shape_ids)])
+        masks = torch.from_numpy(np.stack([s.masks[0] for s in chunk])).float()[:, None]
+        masks = F.interpolate(masks, size=(latent_side, latent_side), mode="area").flatten(1) >= 0.5
+        total = torch.zeros(len(chunk), latent_side * latent_side)
+        for t in timesteps:
+            noise = torch.randn(latents.shape, generator=generator).to(latents)
+            noisy = components.scheduler.add_noise(latents, noise, torch.tensor([t]))
+            with record_cross_attention(unet, top) as maps:
+                unet(noisy, t, encoder_hidden_states=context)
+            for name in top:
+                probs = maps[name][0]  # (batch, pixels, tokens)
+                total += probs[torch.arange(len(chunk)), :, positions]
+        for row, mask in zip(total, masks):
+            inside.append(float(row[mask].mean()))
+            outside.append(float(row[~mask].mean()))
+            ratios.append(inside[-1] / outside[-1])
+    return {"layers": top, "resolution": latent_side, "timesteps": list(timesteps), "scenes": count,
+            "inside_over_outside": round(float(np.mean(inside) / np.mean(outside)), 3),
+            "median_per_scene_ratio": round(float(np.median(ratios)), 3)}
+
+
+def _layer_resolution(unet, processor_name: str) -> int:
+    """Side of the latent grid a down/mid/up block's attention runs at."""
+    side = unet.config.sample_size
+    parts = processor_name.split(".")
+    if parts[0] == "mid_block":
+        return side // 2 ** (len(unet.config.block_out_channels) - 1)
+    block = int(parts[1])
+    if parts[0] == "down_blocks":
+        return side // 2**block
+    return side // 2 ** (len(unet.config.block_out_channels) - 1 - block)
+
+
+def timings(folder, device="cpu", repeats: int = 3) -> dict:
+    """Load time and one 25-step generation (guidance on, batch 1), best of `repeats`."""
+    loads = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        components = load_components(folder, device=device)
+        loads.append(time.perf_counter() - t0)
+    pipe = components.text_to_image_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    runs = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        pipe("a red circle on the left", num_inference_steps=25, height=SIZE, width=SIZE,
+             generator=torch.Generator().manual_seed(i), output_type="np")
+        runs.append(time.perf_counter() - t0)
+    return {"load_seconds": round(min(loads), 3), "generate_25_steps_seconds": round(min(runs[1:]), 3)}
+
+
+def toy_report(folder=None, eval_folder=None, device=None, prompts: int = 500) -> dict:
+    folder = Path(folder or ASSETS_DIR / "toy-sd")
+    eval_folder = Path(eval_folder or EVAL_DIR)
+    components = load_components(folder, device=device, dtype=torch.float32)
+    judge = ToyJudge.from_pretrained(eval_folder / "judge").to(components.device).eval()
+    clip = CLIPModel.from_pretrained(eval_folder / "clip").to(components.device).eval()
+    report = {
+        "assets_megabytes": {"toy-sd": folder_megabytes(folder), "toy-eval": folder_megabytes(eval_folder)},
+        "vae_psnr_db": vae_psnr(components),
+        "judge_held_out_accuracy": judge_accuracy(judge),
+        "clip_caption_among_10": clip_retrieval(clip, components.tokenizer),
+        "attention_localisation": attention_localisation(components),
+    }
+    adherence = prompt_adherence(components, judge, count=prompts)
+    report["examples"] = [p for p, _ in adherence.pop("examples")]
+    report["prompt_adherence"] = adherence
+    report["cpu_timings"] = timings(folder, "cpu")
+    return report
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="elite-toy-report", description="Print the toy world's figures as JSON.")
+    parser.add_argument("--folder", type=Path, default=None, help="components folder (default assets/toy-sd)")
+    parser.add_argument("--eval-folder", type=Path, default=None, help="judge + clip folder (default assets/toy-eval)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--prompts", type=int, default=500)
+    args = parser.parse_args(argv)
+    print(json.dumps(toy_report(args.folder, args.eval_folder, args.device, args.prompts), indent=1))
+
+
+if __name__ == "__main__":
+    main()

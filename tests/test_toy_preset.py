@@ -1,0 +1,59 @@
+"""The shipped toy world: loads offline through the folder path, and its judge is accurate."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from elite_tutorial import load_components
+from elite_tutorial.components import TOY_FOLDER
+from elite_tutorial.mappers import clip_feature_levels
+from elite_tutorial.toyworld.judge import ToyJudge, accuracy
+from elite_tutorial.toyworld.models import toy_vocabulary
+from elite_tutorial.toyworld.render import SIZE, exact_scene, random_spec
+from elite_tutorial.toyworld.report import EVAL_DIR, prompted_attributes
+
+
+def test_toy_loads_offline_with_the_sd14_roles(tmp_path):
+    code = (
+        "from elite_tutorial import load_components; c = load_components('toy');"
+        "print(type(c.unet).__name__, type(c.text_encoder).__name__, type(c.image_encoder).__name__, c.dtype)"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path), ELITE_PRESET="toy")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-4:] == ["UNet2DConditionModel", "CLIPTextModel", "CLIPVisionModel", "torch.float32"]
+
+
+def test_toy_world_shapes_and_tokenizer():
+    c = load_components("toy", device="cpu")
+    assert {"image_encoder", "scheduler", "text_encoder", "tokenizer", "unet", "vae"} <= set(os.listdir(TOY_FOLDER))
+    for word in toy_vocabulary():
+        assert len(c.tokenizer.tokenize(word)) == 1, word
+    levels = clip_feature_levels(c.image_encoder, torch.zeros(1, 3, SIZE, SIZE))
+    assert [tuple(x.shape) for x in levels] == [(1, 65, 128)] * 5  # class token + 8x8 patches
+    latents = c.vae.encode(torch.zeros(1, 3, SIZE, SIZE)).latent_dist.mode()
+    assert latents.shape == (1, 4, 16, 16)
+
+
+def test_shipped_judge_reads_fresh_renders():
+    judge = ToyJudge.from_pretrained(EVAL_DIR / "judge").eval()
+    specs = [random_spec(np.random.default_rng(7_000_000 + i), 0.0) for i in range(300)]
+    images = np.stack([exact_scene(s).image for s in specs])
+    scores = accuracy(judge, images, [s.labels() for s in specs])
+    assert min(scores.values()) >= 0.9, scores
+
+
+def test_prompted_attributes_are_the_words_in_the_prompt():
+    labels = {"shape": "star", "colour": "red", "pattern": "striped", "size": "large", "position": "left", "background": "navy"}
+    assert prompted_attributes("a red star on the left", labels) == {"shape": "star", "colour": "red", "position": "left"}
+    assert prompted_attributes("a photo of a large red striped star on the left, on a navy background", labels) == labels
+
+
+def test_shipped_tokenizer_is_the_one_the_code_builds():
+    from transformers import CLIPTokenizer
+
+    from elite_tutorial.toyworld.models import toy_tokenizer
+    shipped = CLIPTokenizer.from_pretrained(TOY_FOLDER / "tokenizer")
+    assert shipped.get_vocab() == toy_tokenizer().get_vocab()

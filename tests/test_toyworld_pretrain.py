@@ -1,0 +1,75 @@
+"""A few steps of each pretraining stage on CPU: losses fall, resuming is exact, the output loads."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPModel
+
+from elite_tutorial import load_components
+from elite_tutorial.toyworld import pretrain as P
+from elite_tutorial.toyworld.judge import ToyJudge
+from elite_tutorial.toyworld.models import toy_tokenizer
+
+RECIPE = replace(P.PROFILES["smoke"], pool_size=256, clip_steps=40, clip_batch=16, vae_steps=40, vae_batch=8,
+                 unet_steps=40, unet_batch=16, judge_steps=40, judge_batch=32, warmup_steps=5,
+                 checkpoint_every=1000)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return P.ScenePool(0, RECIPE.pool_size, processes=1)
+
+
+def falls(history, key, by=0.8):
+    """The mean of the last 8 losses is below `by` times the mean of the first 8."""
+    losses = [h[key] for h in history]
+    return np.mean(losses[-8:]) < by * np.mean(losses[:8])
+
+
+def test_clip_vae_unet_losses_fall(pool, tmp_path):
+    tokenizer = toy_tokenizer()
+    clip, history = P.train_clip(pool, tokenizer, RECIPE, tmp_path, CPU)
+    assert falls(history, "loss_contrastive", by=0.97)  # in-batch contrastive loss is noisy
+    vae, history = P.train_vae(pool, RECIPE, tmp_path, CPU)
+    assert falls(history, "loss_mse")
+    assert vae.config.scaling_factor > 0
+    clip.save_pretrained(tmp_path / "clip")
+    text_encoder = load_text_encoder(tmp_path / "clip")
+    _, history = P.train_unet(pool, tokenizer, text_encoder, vae, RECIPE, tmp_path, CPU)
+    assert falls(history, "loss_noise")
+
+
+def load_text_encoder(folder):
+    from transformers import CLIPTextModel
+    return CLIPTextModel.from_pretrained(folder)
+
+
+def test_judge_loss_falls(tmp_path):
+    _, history = P.train_judge(RECIPE, tmp_path, CPU)
+    assert falls(history, "loss_position") and falls(history, "loss_colour")
+
+
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
+    recipe = replace(RECIPE, judge_steps=6, checkpoint_every=1000)
+    straight, _ = P.train_judge(recipe, tmp_path / "a", CPU)
+    P.train_judge(recipe, tmp_path / "b", CPU, stop_after=3)  # "crash" after 3 steps
+    assert (tmp_path / "b" / "judge.checkpoint.safetensors").exists()
+    resumed, history = P.train_judge(recipe, tmp_path / "b", CPU)
+    assert len(history) == 6
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_whole_command_writes_loadable_folders(tmp_path):
+    P.main(["--profile", "smoke", "--out", str(tmp_path / "toy-sd"), "--eval-out", str(tmp_path / "toy-eval"), "--device", "cpu"])
+    components = load_components(tmp_path / "toy-sd", device="cpu")
+    assert components.unet.config.cross_attention_dim == components.text_encoder.config.hidden_size
+    assert components.unet.dtype == torch.float32  # stored in fp16, loaded as asked
+    ToyJudge.from_pretrained(tmp_path / "toy-eval" / "judge")
+    CLIPModel.from_pretrained(tmp_path / "toy-eval" / "clip")
+    assert not (tmp_path / "toy-sd.work").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy-eval", "toy-sd"]
+    with pytest.raises(FileExistsError):
+        P.main(["--profile", "smoke", "--out", str(tmp_path / "toy-sd"), "--eval-out", str(tmp_path / "x")])

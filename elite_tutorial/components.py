@@ -25,7 +25,7 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -88,8 +88,11 @@ class Components:
                 model.to(dtype=dtype)
         return self
 
-    def text_to_image_pipeline(self) -> StableDiffusionPipeline:
+    def text_to_image_pipeline(self):
         """A plain diffusers `StableDiffusionPipeline` sharing these (frozen) models."""
+        # imported here: importing diffusers' pipelines pulls in transformers' image processors
+        from diffusers import StableDiffusionPipeline
+
         return StableDiffusionPipeline(
             vae=self.vae,
             text_encoder=self.text_encoder,

@@ -15,7 +15,7 @@ belongs to an object's mask when the object covers at least half of it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -190,7 +190,6 @@ class Scene:
     image: np.ndarray
     masks: np.ndarray
     caption: str = ""
-    extras: dict = field(default_factory=dict)
 
 
 def _grid(size: int) -> tuple[Field, Field]:
@@ -258,13 +257,18 @@ def _article(word: str) -> str:
 def describe_object(obj: ToyObject, rng: np.random.Generator | None = None, drop: float = 0.0) -> str:
     """'a large red striped star on the left'; with `drop` > 0, each attribute is left out at random
     with that probability (the shape is always said). A solid pattern is said as 'solid' or not at all."""
-    keep = (lambda: True) if rng is None else (lambda: rng.random() >= drop)
+    def keep() -> bool:
+        return rng is None or rng.random() >= drop
+
     words = []
     if keep():
         words.append(obj.size)
     if keep():
         words.append(obj.colour)
-    if obj.pattern != "solid" and keep() or obj.pattern == "solid" and rng is not None and rng.random() < 0.15:
+    if obj.pattern != "solid":
+        if keep():
+            words.append(obj.pattern)
+    elif rng is not None and rng.random() < 0.15:  # "solid" is said now and then, never in full captions
         words.append(obj.pattern)
     words.append(obj.shape)
     phrase = " ".join(words)
@@ -320,7 +324,3 @@ def exact_scene(spec: SceneSpec) -> Scene:
     """Render a given spec with its full caption (nothing dropped)."""
     image, masks = render(spec)
     return Scene(spec, image, masks, caption(spec))
-
-
-def with_background(spec: SceneSpec, background: str) -> SceneSpec:
-    return replace(spec, background=background)

@@ -28,7 +28,7 @@ from ..attention_maps import cross_attention_layers, record_cross_attention
 from ..components import ASSETS_DIR, Components, load_components
 from .judge import ToyJudge, accuracy
 from .pretrain import HELD_OUT_SEED, clip_normalise, tokenize
-from .render import SIZE, caption, exact_scene, random_spec
+from .render import POSITION_PHRASES, SIZE, caption, exact_scene, random_spec
 
 EVAL_DIR = ASSETS_DIR / "toy-eval"
 
@@ -88,7 +88,6 @@ def judge_accuracy(judge: ToyJudge, count: int = 1000) -> dict[str, float]:
 
 def prompted_attributes(prompt: str, labels: dict[str, str]) -> dict[str, str]:
     """The attributes a prompt actually names (the caption generator leaves some out)."""
-    from .render import POSITION_PHRASES
     words = prompt.replace(",", " ").split()
     named = {k: v for k, v in labels.items() if k not in ("position", "pattern") and v in words}
     if POSITION_PHRASES[labels["position"]] in prompt:

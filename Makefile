@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $@
 
+# --allow-root only where we are root (containers, cloud machines); jupyter refuses root otherwise
 course: $(STAMP)
-	ELITE_PRESET=$${ELITE_PRESET:-toy} $(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --notebook-dir=notebooks
+	ELITE_PRESET=$${ELITE_PRESET:-toy} $(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --notebook-dir=notebooks \
+		$$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

@@ -73,3 +73,11 @@ def test_whole_command_writes_loadable_folders(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["toy-eval", "toy-sd"]
     with pytest.raises(FileExistsError):
         P.main(["--profile", "smoke", "--out", str(tmp_path / "toy-sd"), "--eval-out", str(tmp_path / "x")])
+
+
+def test_resuming_with_another_recipe_is_refused(tmp_path):
+    work = tmp_path / "toy-sd.work"
+    work.mkdir()
+    (work / "log.json").write_text('{"seconds": {}, "recipe": {"seed": 1}}')
+    with pytest.raises(ValueError, match="another recipe"):
+        P.pretrain(tmp_path / "toy-sd", tmp_path / "toy-eval", P.PROFILES["smoke"], "cpu")

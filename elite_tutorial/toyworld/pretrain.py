@@ -210,7 +210,7 @@ def train_loop(
             with torch.no_grad():
                 for e, p in zip(ema.parameters(), model.parameters()):
                     e.lerp_(p, 1 - decay)
-        history.append({k: round(float(v), 6) for k, v in losses.items()})
+        history.append({k: round(float(v.detach()), 6) for k, v in losses.items()})
         bar.set_postfix({k: f"{v:.4f}" for k, v in history[-1].items()})
         done = step + 1
         if done % recipe.checkpoint_every == 0 or done == steps or done == stop_after:
@@ -374,6 +374,11 @@ def pretrain(out: Path, eval_out: Path, recipe: Recipe = Recipe(), device: str |
     work.mkdir(parents=True, exist_ok=True)
     log_file = work / "log.json"
     log = json.loads(log_file.read_text()) if log_file.exists() else {"seconds": {}}
+    if log.get("recipe", asdict(recipe)) != asdict(recipe):
+        raise ValueError(
+            f"{work} holds an unfinished run with another recipe ({log['recipe']}); resume it with the "
+            "same --profile and --seed, or delete that folder to start over."
+        )
     log.update(recipe=asdict(recipe), device=str(device), command=command, torch=torch.__version__)
 
     tokenizer = toy_tokenizer()

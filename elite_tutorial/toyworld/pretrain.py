@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModel
@@ -188,9 +189,10 @@ def train_loop(
         if ema is not None:
             ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
         _restore_optimizer(optimizer, tensors)
-        with open(history_file) as f:
-            history = json.load(f)
-        start = len(history)
+        with safe_open(str(checkpoint), "pt") as f:
+            start = int(f.metadata()["step"])
+        # the history may have been written just before a crash that kept the older checkpoint
+        history = json.loads(history_file.read_text())[:start]
     stage_id = STAGES.index(name) if name in STAGES else 99
     bar = tqdm(range(start, steps), desc=f"pretrain {name}", initial=start, total=steps, dynamic_ncols=True)
     model.train()

@@ -11,7 +11,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from .render import ATTRIBUTES
+from .render import ATTRIBUTES, images_to_tensor
 
 
 class ToyJudge(nn.Module, PyTorchModelHubMixin):
@@ -35,7 +35,7 @@ class ToyJudge(nn.Module, PyTorchModelHubMixin):
     def predict(self, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> dict[str, list[str]]:
         """Attribute names per image. images: (n, 64, 64, 3) uint8 or (n, 3, 64, 64) floats in [0, 1]."""
         if isinstance(images, np.ndarray):
-            images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+            images = images_to_tensor(images)
         device = next(self.parameters()).device
         predictions: dict[str, list[str]] = {name: [] for name in ATTRIBUTES}
         for start in range(0, len(images), batch_size):

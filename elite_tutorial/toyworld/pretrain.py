@@ -37,7 +37,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionMode
 
 from .judge import ToyJudge, label_indices
 from .models import toy_clip, toy_scheduler, toy_tokenizer, toy_unet, toy_vae
-from .render import SIZE, SceneSpec, caption, random_spec, render
+from .render import SIZE, SceneSpec, caption, images_to_tensor, random_spec, render
 
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
@@ -114,7 +114,7 @@ class ScenePool:
 
     def pixels(self, index: np.ndarray) -> torch.Tensor:
         """(batch, 3, 64, 64) floats in [0, 1]."""
-        return torch.from_numpy(self.images[index]).permute(0, 3, 1, 2).float() / 255
+        return images_to_tensor(self.images[index])
 
 
 def clip_normalise(pixels01: torch.Tensor) -> torch.Tensor:

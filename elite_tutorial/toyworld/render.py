@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 SIZE = 64          # image side in pixels
 _SS = 2            # supersampling factor
@@ -324,3 +325,8 @@ def exact_scene(spec: SceneSpec) -> Scene:
     """Render a given spec with its full caption (nothing dropped)."""
     image, masks = render(spec)
     return Scene(spec, image, masks, caption(spec))
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """Rendered images (n, 64, 64, 3) uint8 -> floats (n, 3, 64, 64) in [0, 1], as the models read them."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255

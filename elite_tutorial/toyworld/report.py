@@ -28,7 +28,7 @@ from ..attention_maps import cross_attention_layers, record_cross_attention
 from ..components import ASSETS_DIR, Components, load_components
 from .judge import ToyJudge, accuracy
 from .pretrain import HELD_OUT_SEED, clip_normalise, tokenize
-from .render import POSITION_PHRASES, SIZE, caption, exact_scene, random_spec
+from .render import POSITION_PHRASES, SIZE, caption, exact_scene, images_to_tensor, random_spec
 
 EVAL_DIR = ASSETS_DIR / "toy-eval"
 
@@ -38,7 +38,7 @@ def held_out_specs(count: int, offset: int = 0, two_object_probability: float = 
 
 
 def _pixels(images: np.ndarray, device) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).to(device)
+    return images_to_tensor(images).to(device)
 
 
 def folder_megabytes(folder: Path) -> float:

@@ -17,8 +17,6 @@ for shape and memory checks, without any download.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -34,6 +32,7 @@ from transformers import (
     CLIPVisionModel,
 )
 
+from .storage import atomic_directory
 from .toyworld.tokenizer import build_clip_tokenizer
 
 PRESET_ENV_VAR = "ELITE_PRESET"
@@ -109,18 +108,9 @@ class Components:
 
         The result loads with `load_components(folder)`; a crash midway leaves no partial folder.
         """
-        folder = Path(folder)
-        if folder.exists():
-            raise FileExistsError(f"{folder} already exists; choose a new folder or remove it first.")
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with atomic_directory(folder, overwrite=False) as staging:
             for f in fields(self):
                 getattr(self, f.name).save_pretrained(staging / f.name)
-            staging.rename(folder)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return folder
 
 

@@ -1,4 +1,4 @@
-"""CLIP image features at ELITE's five levels (the mapping networks that read them come next).
+"""ELITE's mapping networks, and the CLIP image features they read.
 
 ELITE reads CLIP ViT-L/14 (24 layers) at five depths, in this order: the final hidden state, then the
 outputs of layers 4, 8, 12 and 16 (`hidden_states[k]`, where `hidden_states[0]` is the patch
@@ -6,11 +6,27 @@ embedding). Deep features say *what* the object is; shallow ones keep *how it lo
 
 For a vision tower with another depth (the toy and tiny presets) the four intermediate layers are
 taken at the same relative depths, k * num_layers / 24, rounded: 6 layers -> 1, 2, 3, 4.
+
+`GlobalMapper` turns the five levels into five word embeddings (w0 primary, w1..w4 auxiliary) and
+carries the trainable copies of every cross-attention layer's `to_k`/`to_v` that ELITE uses for the
+text context. Its weights load from the authors' released `global_mapper.pt` (`from_official`) and
+save/load as safetensors with their config (`save_pretrained` / `from_pretrained`).
 """
 from __future__ import annotations
 
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
 import torch
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
 from transformers import CLIPVisionModel
+
+from .storage import atomic_directory
 
 ELITE_LAYERS_OF_24 = (4, 8, 12, 16)
 NUM_LEVELS = 1 + len(ELITE_LAYERS_OF_24)
@@ -36,3 +52,230 @@ def clip_feature_levels(image_encoder: CLIPVisionModel, pixel_values: torch.Tens
     output = image_encoder(pixel_values.to(image_encoder.device, image_encoder.dtype), output_hidden_states=True)
     layers = feature_layer_indices(image_encoder.config.num_hidden_layers)
     return [output.last_hidden_state] + [output.hidden_states[k] for k in layers]
+
+
+# --------------------------------------------------------------------------------------------------
+# The global mapping network.
+
+def level_mlp(in_width: int, hidden_width: int, out_width: int) -> nn.Sequential:
+    """The authors' per-level MLP: Linear-LayerNorm-LeakyReLU twice, then Linear (indices 0..6)."""
+    return nn.Sequential(
+        nn.Linear(in_width, hidden_width), nn.LayerNorm(hidden_width), nn.LeakyReLU(),
+        nn.Linear(hidden_width, hidden_width), nn.LayerNorm(hidden_width), nn.LeakyReLU(),
+        nn.Linear(hidden_width, out_width),
+    )
+
+
+def attention_layer_key(layer: str) -> str:
+    """The authors' name for a cross-attention layer: its module path with '.' -> '_'.
+
+    Accepts a module path (`down_blocks.0.attentions.0.transformer_blocks.0.attn2`) or a processor
+    name (the same + `.processor`).
+    """
+    return layer.removesuffix(".processor").replace(".", "_")
+
+
+def cross_attention_modules(unet) -> dict[str, nn.Module]:
+    """Every cross-attention (`attn2`) module of a UNet, by module path, in UNet order."""
+    return {name: module for name, module in unet.named_modules() if name.endswith("attn2")}
+
+
+class GlobalMapper(nn.Module, PyTorchModelHubMixin):
+    """CLIP feature levels -> word embeddings, plus ELITE's k/v copies of every `attn2` layer.
+
+    For level i, word i = `mapping[i]`(class token) + mean over patches of `mapping_patch[i]`(patch
+    tokens). sd14: vision 1024 -> hidden 1024 -> text 768, 5 levels, 16 cross-attention layers.
+
+    `to_k_global[key]` / `to_v_global[key]` are bias-free Linear(context_width -> inner_width),
+    keyed by `attention_layer_key(layer)`; `attention_layers` maps those keys to
+    [context_width, inner_width] (it is part of the saved config).
+    """
+
+    def __init__(
+        self,
+        vision_width: int = 1024,
+        text_width: int = 768,
+        hidden_width: int = 1024,
+        num_levels: int = NUM_LEVELS,
+        attention_layers: dict[str, list[int]] | None = None,
+    ):
+        super().__init__()
+        self.vision_width, self.text_width, self.hidden_width = vision_width, text_width, hidden_width
+        self.num_levels = num_levels
+        self.attention_layers = {key: list(dims) for key, dims in (attention_layers or {}).items()}
+        self.mapping = nn.ModuleList(level_mlp(vision_width, hidden_width, text_width) for _ in range(num_levels))
+        self.mapping_patch = nn.ModuleList(level_mlp(vision_width, hidden_width, text_width) for _ in range(num_levels))
+        self.to_k_global = nn.ModuleDict({k: nn.Linear(i, o, bias=False) for k, (i, o) in self.attention_layers.items()})
+        self.to_v_global = nn.ModuleDict({k: nn.Linear(i, o, bias=False) for k, (i, o) in self.attention_layers.items()})
+
+    # -- building ------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_components(cls, components, hidden_width: int | None = None) -> GlobalMapper:
+        """A fresh mapper sized for `components`, its k/v copies initialised from the UNet's own.
+
+        `hidden_width` defaults to the vision width (1024 for sd14, as the authors).
+        """
+        vision_width = components.image_encoder.config.hidden_size
+        layers = cross_attention_modules(components.unet)
+        mapper = cls(
+            vision_width=vision_width,
+            text_width=components.text_encoder.config.hidden_size,
+            hidden_width=hidden_width or vision_width,
+            attention_layers={attention_layer_key(n): [m.to_k.in_features, m.to_k.out_features] for n, m in layers.items()},
+        )
+        with torch.no_grad():
+            for name, module in layers.items():
+                key = attention_layer_key(name)
+                mapper.to_k_global[key].weight.copy_(module.to_k.weight)
+                mapper.to_v_global[key].weight.copy_(module.to_v.weight)
+        return mapper.to(components.device)
+
+    def check_compatible(self, components) -> None:
+        """Raise a ValueError saying what differs if this mapper was made for other components."""
+        expected = {
+            "vision width": components.image_encoder.config.hidden_size,
+            "text width": components.text_encoder.config.hidden_size,
+            "cross-attention layers": {attention_layer_key(n): [m.to_k.in_features, m.to_k.out_features]
+                                       for n, m in cross_attention_modules(components.unet).items()},
+        }
+        found = {"vision width": self.vision_width, "text width": self.text_width,
+                 "cross-attention layers": self.attention_layers}
+        problems = []
+        for what in ("vision width", "text width"):
+            if expected[what] != found[what]:
+                problems.append(f"{what}: the components have {expected[what]}, the mapper {found[what]}")
+        if expected["cross-attention layers"] != found["cross-attention layers"]:
+            e, f = expected["cross-attention layers"], found["cross-attention layers"]
+            problems.append(f"cross-attention layers: the UNet has {len(e)} ({_describe_layers(e)}), "
+                            f"the mapper has k/v copies for {len(f)} ({_describe_layers(f)})")
+        if problems:
+            raise ValueError("This mapper was made for other components (another preset?): "
+                             + "; ".join(problems) + ". Load the mapper trained for these components.")
+
+    # -- the maths -----------------------------------------------------------------------------------
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """features: `num_levels` tensors (batch, 1 + patches, vision_width) in the order of
+        `clip_feature_levels` ([last, 4, 8, 12, 16] for ViT-L/14).
+        Returns the words (batch, num_levels, text_width): w0 first."""
+        if len(features) != self.num_levels:
+            raise ValueError(f"Expected {self.num_levels} feature levels, got {len(features)}.")
+        words = [
+            cls_mlp(level[:, :1]) + patch_mlp(level[:, 1:]).mean(dim=1, keepdim=True)
+            for cls_mlp, patch_mlp, level in zip(self.mapping, self.mapping_patch, features)
+        ]
+        return torch.cat(words, dim=1)
+
+    def key_value(self, layer: str) -> tuple[nn.Linear, nn.Linear]:
+        """The (to_k, to_v) copies of one cross-attention layer (module path or processor name)."""
+        key = attention_layer_key(layer)
+        return self.to_k_global[key], self.to_v_global[key]
+
+    # -- saving --------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """`PyTorchModelHubMixin.save_pretrained` (config.json + model.safetensors), written atomically."""
+        if kwargs.get("push_to_hub"):
+            return super().save_pretrained(save_directory, **kwargs)
+        with atomic_directory(save_directory) as staging:
+            super().save_pretrained(staging, **kwargs)
+        return None
+
+    # -- the authors' checkpoint format ----------------------------------------------------------------
+
+    @classmethod
+    def from_official(cls, checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], components=None) -> GlobalMapper:
+        """Load the authors' `global_mapper.pt` (a path, or its state dict already loaded).
+
+        Sizes come from the checkpoint; with `components`, they are checked against them.
+        The file is read with `torch.load(weights_only=True)`: plain tensors only.
+        """
+        state = read_official_checkpoint(checkpoint) if not isinstance(checkpoint, Mapping) else dict(checkpoint)
+        ours, config = official_global_to_ours(state)
+        mapper = cls(**config)
+        mapper.load_state_dict(ours)
+        if components is not None:
+            mapper.check_compatible(components)
+            mapper.to(components.device)
+        return mapper
+
+    def official_state_dict(self) -> dict[str, torch.Tensor]:
+        """This mapper's weights under the authors' key names (what their code loads)."""
+        state = {}
+        for i in range(self.num_levels):
+            for name, mlp in (("mapping", self.mapping[i]), ("mapping_patch", self.mapping_patch[i])):
+                state.update({f"{name}_{i}.{k}": v for k, v in mlp.state_dict().items()})
+        for key in self.attention_layers:
+            state[f"{key}_to_k.weight"] = self.to_k_global[key].weight
+            state[f"{key}_to_v.weight"] = self.to_v_global[key].weight
+        return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _describe_layers(layers: dict[str, list[int]]) -> str:
+    widths = sorted({tuple(dims) for dims in layers.values()})
+    return "context -> inner widths " + ", ".join(f"{i}->{o}" for i, o in widths) if widths else "none"
+
+
+def read_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A `.pt` state dict of plain tensors, with clear errors for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint file at {path}.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        if found is None:  # not a pickle at all
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated, or not a checkpoint).") from None
+        raise ValueError(
+            f"{path} contains Python objects other than tensors ({found[1]}), so it is not loaded: only plain "
+            "tensor checkpoints are, because unpickling arbitrary objects can run code."
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated, or not a checkpoint): {error}") from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a state dict of tensors (found {type(state).__name__}).")
+    return dict(state)
+
+
+_OFFICIAL_MLP = re.compile(r"^(mapping|mapping_patch)_(\d+)\.(\d+\.(?:weight|bias))$")
+_OFFICIAL_KV = re.compile(r"^(.+)_to_([kv])\.weight$")
+
+
+def official_global_to_ours(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Rename the authors' global-mapper keys to ours and read the sizes off the tensors.
+
+    `mapping_{i}.{j}.*` -> `mapping.{i}.{j}.*`; `<layer>_to_k.weight` -> `to_k_global.<layer>.weight`.
+    Returns (our state dict, GlobalMapper config).
+    """
+    ours, attention_layers, unknown = {}, {}, []
+    for key, tensor in state.items():
+        if m := _OFFICIAL_MLP.match(key):
+            ours[f"{m[1]}.{m[2]}.{m[3]}"] = tensor
+        elif m := _OFFICIAL_KV.match(key):
+            if tensor.dim() != 2:
+                raise ValueError(f"{key} should be a 2-d weight, found shape {tuple(tensor.shape)}.")
+            ours[f"to_{m[2]}_global.{m[1]}.weight"] = tensor
+            attention_layers.setdefault(m[1], [tensor.shape[1], tensor.shape[0]])
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"Not a global-mapper checkpoint: unexpected keys {unknown[:5]}"
+                         + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "") + ".")
+    if "mapping.0.0.weight" not in ours or "mapping.0.6.weight" not in ours:
+        raise ValueError("Not a global-mapper checkpoint: no `mapping_0.0.weight` / `mapping_0.6.weight`.")
+    levels = 1 + max(int(k.split(".")[1]) for k in ours if k.startswith("mapping."))
+    hidden_width, vision_width = ours["mapping.0.0.weight"].shape
+    config = dict(vision_width=vision_width, text_width=ours["mapping.0.6.weight"].shape[0],
+                  hidden_width=hidden_width, num_levels=levels, attention_layers=attention_layers)
+    expected = GlobalMapper(**config).state_dict()
+    missing = sorted(set(expected) - set(ours))
+    if missing:
+        raise ValueError(f"Incomplete global-mapper checkpoint: missing {missing[:5]}"
+                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else "") + ".")
+    wrong = [f"{k}: expected {tuple(expected[k].shape)}, found {tuple(ours[k].shape)}"
+             for k in expected if expected[k].shape != ours[k].shape]
+    if wrong:
+        raise ValueError("Inconsistent global-mapper checkpoint: " + "; ".join(wrong[:5]) + ".")
+    return ours, config

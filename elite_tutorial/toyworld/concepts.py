@@ -17,8 +17,6 @@ ELITE authors' folder layout, `N.png` with its mask `N_bg.png` (white = object):
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..storage import atomic_directory
 from .render import SHAPES, PATTERNS, SceneSpec, ToyObject, _polygon, render
 
 Region = Callable[[np.ndarray, np.ndarray], np.ndarray]                 # (u, v) -> inside, bool
@@ -161,20 +160,12 @@ def concept_views(concept: PersonalConcept) -> list[tuple[np.ndarray, np.ndarray
 
 def write_concepts(folder: str | Path) -> Path:
     """Write every concept's views as `folder/<name>/N.png` + `N_bg.png` (replaced as a whole)."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".concepts-", dir=folder.parent))
-    try:
+    with atomic_directory(folder) as staging:
         for concept in CONCEPTS:
             (staging / concept.name).mkdir()
             for index, (image, mask) in enumerate(concept_views(concept)):
                 Image.fromarray(image).save(staging / concept.name / f"{index}.png")
                 Image.fromarray(mask.astype(np.uint8) * 255).save(staging / concept.name / f"{index}_bg.png")
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 

@@ -35,9 +35,10 @@ class ELITEAttnProcessor:
     `F.scaled_dot_product_attention`), with `attn.to_k`/`attn.to_v` swapped for the copies.
     """
 
-    def __init__(self, layer: str, to_k: nn.Linear, to_v: nn.Linear, replaced):
+    def __init__(self, layer: str, to_k: nn.Linear, to_v: nn.Linear, replaced, capture: dict | None = None):
         self.layer, self.to_k, self.to_v = layer, to_k, to_v
         self.replaced = replaced  # the processor this one stands in for; restored on removal
+        self.capture = capture    # if a dict: {layer: [head-mean probabilities per call]}, explicit path
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb=None, **kwargs) -> torch.Tensor:
@@ -57,7 +58,13 @@ class ELITEAttnProcessor:
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        out = F.scaled_dot_product_attention(heads(query), heads(key), heads(value), attn_mask=attention_mask)
+        if self.capture is None:
+            out = F.scaled_dot_product_attention(heads(query), heads(key), heads(value), attn_mask=attention_mask)
+        else:  # the same maths, with the probabilities in hand: (batch, heads, pixels, tokens)
+            scores = heads(query) @ heads(key).transpose(-1, -2) * attn.scale
+            probs = (scores + (attention_mask if attention_mask is not None else 0)).softmax(dim=-1)
+            self.capture.setdefault(self.layer, []).append(probs.detach().mean(1).float().cpu())
+            out = probs @ heads(value)
         out = out.transpose(1, 2).reshape(batch, pixels, attn.heads * head_dim)
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -73,15 +80,17 @@ def _check_supported(unet: UNet2DConditionModel, layer: str) -> None:
         raise ValueError(f"{layer}: ELITE's processor supports Stable Diffusion's cross-attention; this layer uses {unsupported}.")
 
 
-def install_elite_attention(unet: UNet2DConditionModel, mapper) -> None:
-    """Give every `attn2` layer an `ELITEAttnProcessor` with the mapper's k/v copies (idempotent)."""
+def install_elite_attention(unet: UNet2DConditionModel, mapper, capture: dict | None = None) -> None:
+    """Give every `attn2` layer an `ELITEAttnProcessor` with the mapper's k/v copies (idempotent).
+    With `capture` (a dict), each layer appends its head-averaged attention probabilities
+    (batch, pixels, tokens) to `capture[processor name]` on every call."""
     processors = unet.attn_processors
     layers = cross_attention_layers(unet)
     for layer in layers:
         _check_supported(unet, layer)
         current = processors[layer]
         replaced = current.replaced if isinstance(current, ELITEAttnProcessor) else current
-        processors[layer] = ELITEAttnProcessor(layer, *mapper.key_value(layer), replaced=replaced)
+        processors[layer] = ELITEAttnProcessor(layer, *mapper.key_value(layer), replaced=replaced, capture=capture)
     unet.set_attn_processor(processors)
 
 
@@ -92,10 +101,11 @@ def remove_elite_attention(unet: UNet2DConditionModel) -> None:
 
 
 @contextmanager
-def elite_attention(unet: UNet2DConditionModel, mapper) -> Iterator[UNet2DConditionModel]:
-    """ELITE's processors inside the block; the UNet's previous processors, exactly, after it."""
+def elite_attention(unet: UNet2DConditionModel, mapper, capture: dict | None = None) -> Iterator[UNet2DConditionModel]:
+    """ELITE's processors inside the block; the UNet's previous processors, exactly, after it.
+    `capture`: see `install_elite_attention`."""
     previous = unet.attn_processors
-    install_elite_attention(unet, mapper)
+    install_elite_attention(unet, mapper, capture)
     try:
         yield unet
     finally:

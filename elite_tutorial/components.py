@@ -32,7 +32,9 @@ from transformers import (
     CLIPVisionModel,
 )
 
+from .data import IMAGENET_TEMPLATES
 from .storage import atomic_directory
+from .toyworld.render import ATTRIBUTES, POSITION_PHRASES, PREFIXES
 from .toyworld.tokenizer import build_clip_tokenizer
 
 PRESET_ENV_VAR = "ELITE_PRESET"
@@ -224,8 +226,14 @@ def _load_toy(device=None, dtype=None) -> Components:
     return load_components_folder(TOY_FOLDER, device, dtype)
 
 
-# The words the tiny-random tokenizer knows as single tokens (anything else splits into characters).
-TINY_WORDS = "a an the photo picture of in on with and S dog cat red blue circle square left right".split()
+# The words the tiny-random tokenizer knows as single tokens (anything else splits into characters):
+# a few of its own, the toy world's and the training templates', so that no prompt a test builds
+# splits into characters that include the placeholder's token ("grass" -> ... "s</w>").
+TINY_WORDS = sorted(
+    set("a an the photo picture of in on with and S dog cat background".split())
+    | {word for values in ATTRIBUTES.values() for word in values}
+    | {word for phrase in (*POSITION_PHRASES.values(), *PREFIXES, *IMAGENET_TEMPLATES) for word in phrase.replace("{}", "").split()}
+)
 
 
 def _build_tiny_random(device=None, dtype=None) -> Components:

@@ -22,11 +22,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from transformers import CLIPVisionModel
 
-from .storage import atomic_directory
+from .storage import SafetensorsHubMixin, atomic_directory
 
 ELITE_LAYERS_OF_24 = (4, 8, 12, 16)
 NUM_LEVELS = 1 + len(ELITE_LAYERS_OF_24)
@@ -80,7 +79,7 @@ def cross_attention_modules(unet) -> dict[str, nn.Module]:
     return {name: module for name, module in unet.named_modules() if name.endswith("attn2")}
 
 
-class GlobalMapper(nn.Module, PyTorchModelHubMixin):
+class GlobalMapper(nn.Module, SafetensorsHubMixin):
     """CLIP feature levels -> word embeddings, plus ELITE's k/v copies of every `attn2` layer.
 
     For level i, word i = `mapping[i]`(class token) + mean over patches of `mapping_patch[i]`(patch

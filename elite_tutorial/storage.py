@@ -1,4 +1,4 @@
-"""Writing folders so that a crash never leaves a half-written one behind."""
+"""Writing to disk so that a crash never leaves a half-written file or folder behind, in safetensors."""
 from __future__ import annotations
 
 import os
@@ -7,6 +7,10 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+from safetensors.torch import load_file, save_file
 
 
 @contextmanager
@@ -33,3 +37,43 @@ def atomic_directory(folder: str | os.PathLike, overwrite: bool = True) -> Itera
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """`save_file` to a temporary name, then an atomic rename over `path`."""
+    tmp = Path(path).with_suffix(".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """An optimizer's per-parameter state (AdamW moments, step) as flat tensors, `optim.<param>.<key>`."""
+    return {f"optim.{pid}.{key}": (value if torch.is_tensor(value) else torch.tensor(value)).contiguous()
+            for pid, state in optimizer.state_dict()["state"].items() for key, value in state.items()}
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    """Inverse of `optimizer_tensors` (the param groups, with their hyper-parameters, stay as built)."""
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+class SafetensorsHubMixin(PyTorchModelHubMixin):
+    """`PyTorchModelHubMixin` (config.json + model.safetensors, Hub-shareable) that loads a local folder
+    strictly (every weight present and expected; the Hub mixin's default is lenient) and quietly."""
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", strict: bool = True, **kwargs):
+        if not os.path.isdir(model_id):
+            return super()._from_pretrained(model_id=model_id, map_location=map_location, strict=strict, **kwargs)
+        hub_only = ("revision", "cache_dir", "force_download", "local_files_only", "token")
+        model = cls(**{k: v for k, v in kwargs.items() if k not in hub_only})
+        weights = Path(model_id) / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} is missing: a saved {cls.__name__} folder holds config.json and model.safetensors.")
+        model.load_state_dict(load_file(str(weights), device=str(map_location)), strict=strict)
+        return model

@@ -82,3 +82,20 @@ def test_gradients_reach_the_copies_not_the_unet(tiny):
 def test_default_processor_is_the_fused_one(tiny):
     # what ELITE's processor replaces and restores is diffusers' fused SDPA path
     assert all(isinstance(tiny.unet.attn_processors[n], AttnProcessor2_0) for n in cross_attention_layers(tiny.unet))
+
+
+def test_capture_records_the_probabilities_without_changing_the_output(tiny):
+    unet, mapper = tiny.unet, GlobalMapper.from_components(tiny)
+    with torch.no_grad():
+        for layer in mapper.attention_layers:
+            mapper.to_k_global[layer].weight.mul_(1.5)  # copies that differ from the UNet's own
+    with elite_attention(unet, mapper):
+        fused = unet_output(unet)
+    maps = {}
+    with elite_attention(unet, mapper, capture=maps):
+        explicit = unet_output(unet)
+    torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-5)
+    assert sorted(maps) == sorted(cross_attention_layers(unet))
+    for layer, calls in maps.items():
+        assert len(calls) == 1 and calls[0].shape[0] == 1 and calls[0].shape[-1] == 77
+        torch.testing.assert_close(calls[0].sum(-1), torch.ones(calls[0].shape[:2]))  # rows are distributions

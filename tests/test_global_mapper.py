@@ -5,6 +5,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from elite_tutorial.attention import elite_attention
@@ -101,6 +102,11 @@ def test_save_pretrained_round_trip_in_safetensors(tiny, tmp_path):
     assert saved.keys() == reloaded.keys() and all(torch.equal(saved[k], reloaded[k]) for k in saved)
     mapper.save_pretrained(tmp_path / "mapper")  # overwriting is allowed and leaves no staging folders
     assert sorted(os.listdir(tmp_path)) == ["mapper"]
+    # a folder whose weights do not match its config is an error, not a half-loaded mapper
+    weights = load_file(tmp_path / "mapper" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("to_v_global")}, tmp_path / "mapper" / "model.safetensors")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        GlobalMapper.from_pretrained(tmp_path / "mapper")
 
 
 def test_a_mapper_for_other_components_is_refused_with_expected_and_found(tiny):

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from ..storage import SafetensorsHubMixin
 from .render import ATTRIBUTES, images_to_tensor
 
 
-class ToyJudge(nn.Module, PyTorchModelHubMixin):
+class ToyJudge(nn.Module, SafetensorsHubMixin):
     """images (batch, 3, 64, 64) in [0, 1] -> {attribute: logits (batch, classes)}."""
 
     def __init__(self, width: int = 32):

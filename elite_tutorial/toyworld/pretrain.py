@@ -31,16 +31,16 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModel
 
+from ..data import clip_normalise  # the toy image encoder is fed exactly like ViT-L/14
+from ..storage import load_optimizer_tensors, optimizer_tensors, save_safetensors_atomic
 from .judge import ToyJudge, label_indices
 from .models import toy_clip, toy_scheduler, toy_tokenizer, toy_unet, toy_vae
 from .render import SIZE, SceneSpec, caption, images_to_tensor, random_spec, render
 
-CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 STAGES = ("clip", "vae", "unet", "judge")
 HELD_OUT_SEED = 10**9  # evaluation scenes use seeds from here on; training pools never reach it
 
@@ -117,11 +117,6 @@ class ScenePool:
         return images_to_tensor(self.images[index])
 
 
-def clip_normalise(pixels01: torch.Tensor) -> torch.Tensor:
-    """[0, 1] RGB -> CLIP's normalisation (the toy image encoder is fed exactly like ViT-L/14)."""
-    return (pixels01 - CLIP_MEAN.to(pixels01)) / CLIP_STD.to(pixels01)
-
-
 def tokenize(tokenizer: CLIPTokenizer, texts: list[str], padding: str = "max_length") -> torch.Tensor:
     """(batch, 77) ids padded with end-of-text tokens, as Stable Diffusion pads prompts.
 
@@ -140,26 +135,6 @@ def _learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    return {f"optim.{pid}.{key}": (value if torch.is_tensor(value) else torch.tensor(value)).contiguous()
-            for pid, state in optimizer.state_dict()["state"].items() for key, value in state.items()}
-
-
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, pid, key = name.split(".", 2)
-            state.setdefault(int(pid), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-
-
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
 
 
 def train_loop(
@@ -188,7 +163,7 @@ def train_loop(
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         if ema is not None:
             ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        _restore_optimizer(optimizer, tensors)
+        load_optimizer_tensors(optimizer, tensors)
         with safe_open(str(checkpoint), "pt") as f:
             start = int(f.metadata()["step"])
         # the history may have been written just before a crash that kept the older checkpoint
@@ -219,9 +194,9 @@ def train_loop(
             tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
             if ema is not None:
                 tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-            tensors.update(_flatten_optimizer(optimizer))
+            tensors.update(optimizer_tensors(optimizer))
             history_file.write_text(json.dumps(history))
-            _save_atomic(tensors, checkpoint, {"step": str(done)})
+            save_safetensors_atomic(tensors, checkpoint, {"step": str(done)})
         if done == stop_after:
             break
     bar.close()

@@ -27,7 +27,8 @@ from transformers import CLIPModel
 from ..attention_maps import cross_attention_layers, record_cross_attention
 from ..components import ASSETS_DIR, Components, load_components
 from .judge import ToyJudge, accuracy
-from .pretrain import HELD_OUT_SEED, clip_normalise, tokenize
+from ..data import clip_normalise
+from .pretrain import HELD_OUT_SEED, tokenize
 from .render import POSITION_PHRASES, SIZE, caption, exact_scene, images_to_tensor, random_spec
 
 EVAL_DIR = ASSETS_DIR / "toy-eval"

@@ -1,0 +1,253 @@
+"""Images, masks, concept folders and prompt templates, prepared the way ELITE's encoders read them.
+
+The authors' preprocessing for the image encoder: the image as RGB, resized (squashed, not cropped)
+to the encoder's input size with bicubic resampling, scaled to [0, 1] and normalised with CLIP's mean
+and std. Masks are white (any non-zero value) on the object, in RGB or greyscale.
+
+Beyond what their code reads (8-bit RGB JPEG/PNG), `load_image` accepts any PIL mode: greyscale,
+palette, 16-bit and 32-bit greyscale (rescaled to 8 bits), and images with transparency (composited
+over white, so transparent pixels do not become black).
+"""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter, UnidentifiedImageError
+
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+
+# The authors' training templates (Textual Inversion's "imagenet_templates_small").
+IMAGENET_TEMPLATES = (
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}",
+    "a cropped photo of a {}", "a photo of the {}", "a good photo of the {}", "a photo of one {}",
+    "a close-up photo of the {}", "a rendition of the {}", "a photo of the clean {}",
+    "a rendition of a {}", "a photo of a nice {}", "a good photo of a {}", "a photo of the nice {}",
+    "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}",
+    "a photo of a cool {}", "a photo of a small {}",
+)
+
+ImageLike = str | os.PathLike | Image.Image | np.ndarray
+
+
+def clip_normalise(pixels01: torch.Tensor) -> torch.Tensor:
+    """(batch, 3, H, W) RGB in [0, 1] -> CLIP's normalisation."""
+    return (pixels01 - CLIP_MEAN.to(pixels01)) / CLIP_STD.to(pixels01)
+
+
+def _open(source: ImageLike, what: str) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, np.ndarray):
+        return Image.fromarray(source)
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"No {what} file at {path}.")
+    try:
+        image = Image.open(path)
+        image.load()  # decode now: a truncated file fails here, not later
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable {what} (corrupt, truncated or not an image file): {error}") from None
+    return image
+
+
+def _to_8bit_grey(image: Image.Image) -> Image.Image:
+    """16/32-bit integer or float greyscale -> 8-bit 'L', keeping the full range visible."""
+    values = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
+        values = values / 65535 * 255
+    elif image.mode == "F" and values.max(initial=0) <= 1.0:
+        values = values * 255
+    return Image.fromarray(np.clip(values + 0.5, 0, 255).astype(np.uint8))
+
+
+def load_image(source: ImageLike) -> Image.Image:
+    """Any image (path, PIL image or uint8 array, any mode and size) -> an 8-bit RGB PIL image."""
+    image = _open(source, "image")
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _to_8bit_grey(image)
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA") or image.mode.endswith("A"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image.convert("RGB")
+
+
+def load_mask(source: ImageLike, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A mask image (white = object) -> bool array (H, W); resized (nearest) to `size` = (W, H) if given."""
+    image = _open(source, "mask")
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _to_8bit_grey(image)
+    grey = image.convert("L")
+    if size is not None and grey.size != tuple(size):
+        grey = grey.resize(tuple(size), Image.Resampling.NEAREST)
+    mask = np.asarray(grey) > 0
+    if not mask.any():
+        raise ValueError("The mask is empty (no white pixels): it must mark the object in white.")
+    return mask
+
+
+def clip_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """An RGB PIL image -> the image encoder's input (3, size, size), as the authors prepare it."""
+    resized = image.resize((size, size), Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255).permute(2, 0, 1)
+    return clip_normalise(pixels[None])[0]
+
+
+def concept_folder(folder: str | os.PathLike) -> list[tuple[Path, Path | None]]:
+    """The views of a concept folder in the authors' layout: `N.jpg|png` with optional mask `N_bg.png`.
+
+    Returns (image path, mask path or None) pairs sorted by name.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"No concept folder at {folder}.")
+    images = sorted(p for p in folder.iterdir()
+                    if p.suffix.lower() in (".jpg", ".jpeg", ".png") and not p.stem.endswith("_bg"))
+    if not images:
+        raise ValueError(f"{folder} holds no images; a concept folder has `N.jpg` or `N.png` (+ mask `N_bg.png`).")
+    return [(p, p.with_name(f"{p.stem}_bg.png") if p.with_name(f"{p.stem}_bg.png").is_file() else None) for p in images]
+
+
+# --------------------------------------------------------------------------------------------------
+# Training samples for the global mapper.
+
+def augment_for_clip(image: Image.Image, size: int, rng: np.random.Generator) -> torch.Tensor:
+    """The image encoder's view of a training image, in [0, 1]: (3, size, size).
+
+    The authors' stage-1 augmentation: resize to the encoder's size, horizontal flip (p 0.5),
+    rotation within +-20 degrees, blur (p 0.3). (Their elastic transform is left out.)
+    """
+    image = image.resize((size, size), Image.Resampling.BICUBIC)
+    if rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    corner = image.getpixel((0, 0))  # fill what the rotation uncovers with the border's colour
+    image = image.rotate(float(rng.uniform(-20, 20)), resample=Image.Resampling.BICUBIC, fillcolor=corner)
+    if rng.random() < 0.3:
+        image = image.filter(ImageFilter.BoxBlur(max(1, size // 112)))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+def _to_unit_range(image: Image.Image, size: int) -> torch.Tensor:
+    """The UNet's target image: (3, size, size) in [-1, 1]."""
+    pixels = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+    return torch.from_numpy(pixels / 127.5 - 1).permute(2, 0, 1)
+
+
+class TrainingSource(Protocol):
+    """Where training samples come from. `batch` is a pure function of `rng` (exact resume)."""
+
+    def batch(self, rng: np.random.Generator, size: int) -> dict:
+        """`pixel_values` (B, 3, R, R) in [-1, 1]; `clip_pixels` (B, 3, S, S) in [0, 1]; `prompts`."""
+
+    def validation_images(self) -> list[Image.Image]:
+        """A few fixed images to show what the mapper makes of them during training."""
+
+
+def toy_prompt_with_placeholder(spec, rng: np.random.Generator, placeholder: str = "S") -> str:
+    """'a photo of a large S on the left, on a grass background', each of size, position and
+    background said with probability 1/2. In the toy world a training image is the whole scene, not
+    a tight crop of the object as in the authors' data, so the caption names the rest of the scene;
+    the words then have no reason to carry it."""
+    from .toyworld.render import POSITION_PHRASES, PREFIXES  # noqa: PLC0415 (toy data only)
+
+    obj = spec.objects[0]
+    text = f"a {obj.size} {placeholder}" if rng.random() < 0.5 else f"a {placeholder}"
+    if rng.random() < 0.5:
+        text += " " + POSITION_PHRASES[obj.position]
+    if rng.random() < 0.5:
+        text += f", on {'an' if spec.background[0] in 'aeiou' else 'a'} {spec.background} background"
+    prefix = PREFIXES[rng.integers(len(PREFIXES))]
+    return f"{prefix} {text}" if prefix else text
+
+
+class ToyWorldSource:
+    """Single-object toy scenes drawn on the fly; validation shows the held-out personal concepts."""
+
+    def __init__(self, clip_size: int, image_size: int = 64):
+        self.clip_size, self.image_size = clip_size, image_size
+
+    def batch(self, rng: np.random.Generator, size: int) -> dict:
+        from .toyworld.render import random_scene  # noqa: PLC0415
+
+        scenes = [random_scene(int(seed), two_object_probability=0.0) for seed in rng.integers(0, 10**9, size)]
+        images = [Image.fromarray(s.image) for s in scenes]
+        return {"pixel_values": torch.stack([_to_unit_range(i, self.image_size) for i in images]),
+                "clip_pixels": torch.stack([augment_for_clip(i, self.clip_size, rng) for i in images]),
+                "prompts": [toy_prompt_with_placeholder(s.spec, rng) for s in scenes]}
+
+    def validation_images(self) -> list[Image.Image]:
+        from .toyworld.concepts import CONCEPTS, render_concept  # noqa: PLC0415
+
+        return [Image.fromarray(render_concept(c)[0]) for c in CONCEPTS[:4]]
+
+
+class OpenImagesSource:
+    """Object boxes of OpenImages in the authors' folder layout (stage 1 reads boxes only):
+
+        <root>/annotations/<split>-annotations-bbox.csv   (train: oidv6-train-annotations-bbox.csv)
+        <root>/images/<split>/<ImageID>.jpg
+
+    Boxes covering 2 %..80 % of their image are kept; a sample is its box padded by 10 px, at
+    `resolution` for the UNet and augmented at `clip_size` for CLIP, with a random template.
+    Unreadable images are skipped and counted (`skipped`), never turned into blank samples.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str = "test", resolution: int = 512, clip_size: int = 224):
+        self.root, self.split = Path(root), split
+        self.resolution, self.clip_size = resolution, clip_size
+        name = "oidv6-train-annotations-bbox.csv" if split == "train" else f"{split}-annotations-bbox.csv"
+        table = self.root / "annotations" / name
+        if not table.is_file():
+            raise FileNotFoundError(f"No box table at {table}; expected the OpenImages layout described in "
+                                    "`OpenImagesSource`'s docstring.")
+        with open(table, newline="") as f:
+            rows = list(csv.DictReader(f))
+        self.boxes = []
+        for row in rows:
+            x0, x1, y0, y1 = (float(row[k]) for k in ("XMin", "XMax", "YMin", "YMax"))
+            if 0.02 < (x1 - x0) * (y1 - y0) < 0.8:
+                self.boxes.append((row["ImageID"], x0, x1, y0, y1))
+        if not self.boxes:
+            raise ValueError(f"{table} has no boxes covering 2 %..80 % of their image.")
+        self.skipped = 0
+
+    def crop(self, index: int) -> Image.Image | None:
+        """Box `index` padded by 10 px, or None if its image cannot be read."""
+        image_id, x0, x1, y0, y1 = self.boxes[index]
+        try:
+            image = load_image(self.root / "images" / self.split / f"{image_id}.jpg")
+        except (OSError, ValueError):
+            self.skipped += 1
+            return None
+        w, h = image.size
+        return image.crop((max(0, int(x0 * w) - 10), max(0, int(y0 * h) - 10),
+                           min(w, int(x1 * w) + 10), min(h, int(y1 * h) + 10)))
+
+    def batch(self, rng: np.random.Generator, size: int) -> dict:
+        crops = []
+        for _ in range(100 * size):
+            crop = self.crop(int(rng.integers(len(self.boxes))))
+            if crop is not None:
+                crops.append(crop)
+            if len(crops) == size:
+                break
+        else:
+            raise ValueError(f"Could not read {size} images from {self.root} in {100 * size} attempts "
+                             f"({self.skipped} unreadable so far).")
+        return {"pixel_values": torch.stack([_to_unit_range(c, self.resolution) for c in crops]),
+                "clip_pixels": torch.stack([augment_for_clip(c, self.clip_size, rng) for c in crops]),
+                "prompts": [IMAGENET_TEMPLATES[rng.integers(len(IMAGENET_TEMPLATES))].format("S") for _ in crops]}
+
+    def validation_images(self) -> list[Image.Image]:
+        crops = (self.crop(i) for i in range(min(len(self.boxes), 16)))
+        return [c for c in crops if c is not None][:4]

@@ -1,0 +1,118 @@
+"""Images of any kind in, the encoders' inputs out; concept folders; training samples."""
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from elite_tutorial.components import ASSETS_DIR
+from elite_tutorial.data import (
+    OpenImagesSource,
+    ToyWorldSource,
+    augment_for_clip,
+    clip_pixels,
+    concept_folder,
+    load_image,
+    load_mask,
+    toy_prompt_with_placeholder,
+)
+from elite_tutorial.toyworld.render import random_spec
+
+
+def test_every_pil_mode_becomes_8_bit_rgb():
+    grey = np.tile(np.linspace(0, 255, 40, dtype=np.uint8), (30, 1))
+    assert np.array_equal(np.asarray(load_image(Image.fromarray(grey)))[..., 0], grey)
+    sixteen = Image.fromarray(grey.astype(np.uint16) * 257)
+    assert np.abs(np.asarray(load_image(sixteen))[..., 1].astype(int) - grey).max() <= 1  # full range kept
+    floats = Image.fromarray(grey.astype(np.float32) / 255)
+    assert np.abs(np.asarray(load_image(floats))[..., 2].astype(int) - grey).max() <= 1
+    rgba = np.zeros((30, 40, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, :20, 3] = 255  # left half opaque red, right half transparent
+    rgb = np.asarray(load_image(Image.fromarray(rgba)))
+    assert tuple(rgb[0, 0]) == (200, 0, 0) and tuple(rgb[0, -1]) == (255, 255, 255)
+    palette = Image.fromarray(grey).convert("P")
+    assert load_image(palette).mode == "RGB" and load_image(palette).size == (40, 30)
+
+
+def test_non_square_images_are_squashed_to_the_encoders_size_as_the_authors_do():
+    wide = Image.new("RGB", (90, 30), (255, 0, 0))
+    pixels = clip_pixels(wide, 32)
+    assert pixels.shape == (3, 32, 32)
+    red = (1 - 0.48145466) / 0.26862954
+    torch.testing.assert_close(pixels[0], torch.full((32, 32), red), rtol=0, atol=1e-5)
+
+
+def test_corrupt_and_missing_files_are_refused_clearly(tmp_path):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:60])
+    text = tmp_path / "notes.jpg"
+    text.write_text("hello")
+    for bad in (truncated, text):
+        with pytest.raises(ValueError, match="not a readable image"):
+            load_image(bad)
+    with pytest.raises(FileNotFoundError):
+        load_image(tmp_path / "missing.png")
+
+
+def test_masks_are_white_on_the_object_and_must_mark_something():
+    mask = np.zeros((20, 20, 3), np.uint8)
+    mask[5:10, 5:15] = 255
+    loaded = load_mask(Image.fromarray(mask), size=(10, 10))
+    assert loaded.shape == (10, 10) and loaded.dtype == bool and loaded.sum() == 3 * 5
+    with pytest.raises(ValueError, match="empty"):
+        load_mask(Image.new("L", (8, 8), 0))
+
+
+def test_concept_folders_in_the_authors_layout():
+    views = concept_folder(ASSETS_DIR / "concepts" / "coral_ring")
+    assert [p.name for p, _ in views] == ["0.png", "1.png", "2.png", "3.png"]
+    assert all(m is not None and m.name == f"{p.stem}_bg.png" for p, m in views)
+
+
+def test_augmentation_and_toy_prompts_are_functions_of_the_rng():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    a = augment_for_clip(image, 32, np.random.default_rng(5))
+    b = augment_for_clip(image, 32, np.random.default_rng(5))
+    assert a.shape == (3, 32, 32) and torch.equal(a, b) and 0 <= a.min() and a.max() <= 1
+    rng = np.random.default_rng(1)
+    prompts = [toy_prompt_with_placeholder(random_spec(rng, 0.0), rng) for _ in range(50)]
+    assert all(p.split().count("S") == 1 or p.count(" S") == 1 for p in prompts)
+    assert any("background" in p for p in prompts) and any(p.endswith("a S") for p in prompts)
+    batch = ToyWorldSource(clip_size=32).batch(np.random.default_rng(3), 4)
+    assert batch["pixel_values"].shape == (4, 3, 64, 64) and batch["clip_pixels"].shape == (4, 3, 32, 32)
+    assert -1 <= batch["pixel_values"].min() and batch["pixel_values"].max() <= 1
+
+
+def make_openimages_folder(root, boxes=6):
+    """A small OpenImages-layout folder: a box table, images, and one unreadable image."""
+    (root / "annotations").mkdir(parents=True)
+    (root / "images" / "test").mkdir(parents=True)
+    rows = []
+    for i in range(boxes):
+        Image.new("RGB", (80, 60), (40 * i, 100, 200)).save(root / "images" / "test" / f"img{i}.jpg")
+        rows.append({"ImageID": f"img{i}", "XMin": 0.1, "XMax": 0.6, "YMin": 0.2, "YMax": 0.9})
+    rows.append({"ImageID": "tiny", "XMin": 0.1, "XMax": 0.12, "YMin": 0.1, "YMax": 0.12})  # < 2 %: dropped
+    rows.append({"ImageID": "broken", "XMin": 0.1, "XMax": 0.7, "YMin": 0.1, "YMax": 0.7})
+    (root / "images" / "test" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with open(root / "annotations" / "test-annotations-bbox.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["ImageID", "XMin", "XMax", "YMin", "YMax"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def test_openimages_boxes_are_filtered_and_unreadable_images_skipped_and_counted(tmp_path):
+    source = OpenImagesSource(make_openimages_folder(tmp_path / "oi"), resolution=32, clip_size=32)
+    assert len(source.boxes) == 7  # the tiny box is filtered out
+    for seed in range(4):
+        batch = source.batch(np.random.default_rng(seed), 4)
+        assert batch["pixel_values"].shape == (4, 3, 32, 32)
+        assert all("S" in p.split() for p in batch["prompts"])
+    assert source.skipped > 0
+    assert source.crop(0).size == (58, 58)  # x 8..48, y 12..54, padded by 10 px, clipped to the image
+    with pytest.raises(FileNotFoundError, match="box table"):
+        OpenImagesSource(tmp_path)

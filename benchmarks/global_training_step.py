@@ -80,7 +80,7 @@ class Side:
         torch.nn.utils.clip_grad_norm_(self.mapper.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     def timed_step(self, *inputs) -> float:
         unet = self.models.unet

@@ -56,30 +56,38 @@ def _images(output) -> np.ndarray:
 @torch.no_grad()
 def fidelity_and_editability(pipe: ELITEPipeline, judge: ToyJudge, concepts=CONCEPTS, samples: int = 4,
                              seed: int = 0) -> dict:
-    """ELITE (w0) fidelity and editability vs the class-word baseline, over `concepts` (see module doc)."""
+    """ELITE (w0) fidelity and editability vs the class-word baseline, over `concepts` (see module doc).
+
+    Each prompt is generated for all concepts in one batched call (`samples` images per concept).
+    """
     plain = pipe.components.text_to_image_pipeline()
     for p in (plain, pipe.sd_pipeline):
         p.set_progress_bar_config(disable=True)
     steps, guidance = pipe.defaults.num_inference_steps, pipe.defaults.guidance_scale
+    identities = [concept_identity(judge, c) for c in concepts]
+    encoded = [pipe.encode(concept_views(c)[0][0]) for c in concepts]
+
+    def per_concept(predictions: dict[str, list[str]]) -> list[dict[str, list[str]]]:
+        """Split batched predictions (concept-major, `samples` each) by concept."""
+        return [{k: v[i * samples:(i + 1) * samples] for k, v in predictions.items()} for i in range(len(concepts))]
+
+    def elite(prompt: str) -> list[dict[str, list[str]]]:
+        out = pipe([prompt] * len(concepts), encoded, generator=torch.Generator().manual_seed(seed),
+                   num_images_per_prompt=samples, output_type="np")
+        return per_concept(judge.predict(_images(out)))
+
+    baseline = per_concept(judge.predict(_images(plain(
+        [f"a photo of a {c.class_word}" for c in concepts], num_inference_steps=steps, guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(seed), num_images_per_prompt=samples, output_type="np"))))
+    inverted = elite("a photo of a S")
+    edits = {attribute: elite(prompt) for attribute, (prompt, _) in EDITS.items()}
     rows = []
-    for index, concept in enumerate(concepts):
-        identity = concept_identity(judge, concept)
-        encoded = pipe.encode(concept_views(concept)[0][0])
-
-        def elite(prompt: str) -> dict[str, list[str]]:
-            generator = torch.Generator().manual_seed(seed + index)
-            return judge.predict(_images(pipe(prompt, encoded, generator=generator, num_images_per_prompt=samples,
-                                              output_type="np")))
-
-        generator = torch.Generator().manual_seed(seed + index)
-        baseline = judge.predict(_images(plain(f"a photo of a {concept.class_word}", num_inference_steps=steps,
-                                               guidance_scale=guidance, generator=generator,
-                                               num_images_per_prompt=samples, output_type="np")))
+    for index, (concept, identity) in enumerate(zip(concepts, identities)):
         row = {"concept": concept.name, "identity": identity,
-               "fidelity": float(_agreement(elite("a photo of a S"), identity).mean()),
-               "baseline_fidelity": float(_agreement(baseline, identity).mean())}
-        for attribute, (prompt, wanted) in EDITS.items():
-            predictions = elite(prompt)
+               "fidelity": float(_agreement(inverted[index], identity).mean()),
+               "baseline_fidelity": float(_agreement(baseline[index], identity).mean())}
+        for attribute, (_, wanted) in EDITS.items():
+            predictions = edits[attribute][index]
             edited = np.array([p == wanted for p in predictions[attribute]])
             kept = _agreement(predictions, identity) >= 2 / 3
             row[f"edit_{attribute}"] = float((edited & kept).mean())

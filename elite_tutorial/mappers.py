@@ -79,7 +79,23 @@ def cross_attention_modules(unet) -> dict[str, nn.Module]:
     return {name: module for name, module in unet.named_modules() if name.endswith("attn2")}
 
 
-class GlobalMapper(nn.Module, SafetensorsHubMixin):
+MODEL_CARD = """
+---
+{{ card_data }}
+---
+
+An ELITE global mapping network (CLIP image features -> 5 word embeddings, plus k/v copies of every
+cross-attention layer), saved by `elite_tutorial.mappers.GlobalMapper.save_pretrained`.
+
+Load it with `GlobalMapper.from_pretrained(<folder or repo>)` and use it with
+`elite_tutorial.pipeline.ELITEPipeline` on the components it was trained for (`config.json` gives the
+widths and layers). Paper: {{ paper_url }}. `log.json`, when present, holds the training command,
+recipe and losses.
+"""
+
+
+class GlobalMapper(nn.Module, SafetensorsHubMixin, paper_url="https://arxiv.org/abs/2302.13848",
+                   tags=["elite", "text-to-image", "personalization"], model_card_template=MODEL_CARD):
     """CLIP feature levels -> word embeddings, plus ELITE's k/v copies of every `attn2` layer.
 
     For level i, word i = `mapping[i]`(class token) + mean over patches of `mapping_patch[i]`(patch

@@ -22,6 +22,7 @@ Output folder:
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -145,7 +146,7 @@ def _validation_grid(components: Components, mapper: GlobalMapper, source: Train
     """Reference images (top row) and "a photo of a S" generated from each (bottom row), as one PNG."""
     from .pipeline import ELITEPipeline  # noqa: PLC0415 (the pipeline imports diffusers' pipelines, slow)
 
-    pipe = ELITEPipeline(components, mapper)
+    pipe = ELITEPipeline(components, copy.deepcopy(mapper))  # the pipeline casts its mapper to the models' dtype
     pipe.sd_pipeline.set_progress_bar_config(disable=True)
     references = source.validation_images()
     generated = []
@@ -182,9 +183,8 @@ def train_global(
     out = Path(out)
     accelerator = Accelerator(gradient_accumulation_steps=recipe.gradient_accumulation, mixed_precision=mixed_precision)
     components = components.to(accelerator.device)
-    if gradient_checkpointing:
+    if gradient_checkpointing:  # the UNet's activations dominate the memory of a step
         components.unet.enable_gradient_checkpointing()
-        components.text_encoder.gradient_checkpointing_enable()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         mapper = GlobalMapper.from_components(components).float().train()
@@ -232,7 +232,6 @@ def train_global(
                     _save_checkpoint(out, done, plain_mapper, optimizer, log, recipe.keep_checkpoints)
                 if done % recipe.validate_every == 0 or done == recipe.steps:
                     _validation_grid(components, plain_mapper, source, out / "validation" / f"step-{done:06d}.png", recipe.seed)
-                    plain_mapper.train()
             if done == stop_after:
                 break
     bar.close()

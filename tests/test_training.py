@@ -5,6 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 
 from elite_tutorial.cli import main as elite_train
 from elite_tutorial.data import OpenImagesSource, ToyWorldSource
@@ -73,3 +74,22 @@ def test_the_command_trains_on_an_openimages_folder(tmp_path):
                  "--data", str(folder), "--out", str(tmp_path / "run")])
     assert (tmp_path / "run" / "mapper" / "model.safetensors").is_file()
     assert OpenImagesSource(folder).boxes  # the folder the run read
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tiny, tmp_path):
+    recipe = replace(RECIPE, steps=2, validate_every=100)
+    plain = state(train_global(tiny, source(), tmp_path / "plain", recipe))
+    checkpointed = state(train_global(tiny, source(), tmp_path / "checkpointed", recipe, gradient_checkpointing=True))
+    tiny.unet.disable_gradient_checkpointing()
+    assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
+
+
+def test_bf16_mixed_precision_keeps_fp32_mapper_weights(tiny, tmp_path):
+    AcceleratorState._reset_state(True)  # accelerate keeps one precision per process; tests switch it
+    try:
+        mapper = train_global(tiny, source(), tmp_path / "run", replace(RECIPE, steps=2, validate_every=100), mixed_precision="bf16")
+    finally:
+        AcceleratorState._reset_state(True)
+    assert all(p.dtype == torch.float32 for p in mapper.parameters())
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert all(np.isfinite(h["loss_mle"]) for h in log["history"])

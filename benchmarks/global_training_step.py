@@ -22,6 +22,7 @@ import argparse
 import json
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +88,7 @@ class Side:
         previous = unet.attn_processors
         if self.eager:
             unet.set_attn_processor(authors_processors(unet, self.mapper))
-            context = _nothing()
+            context = nullcontext()
         else:
             context = elite_attention(unet, self.mapper)
         sync(inputs[0].device)
@@ -98,14 +99,6 @@ class Side:
         elapsed = time.perf_counter() - start
         unet.set_attn_processor(previous)
         return elapsed
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def mapper_for(models) -> GlobalMapper:

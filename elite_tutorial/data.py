@@ -59,7 +59,9 @@ def _open(source: ImageLike, what: str) -> Image.Image:
 
 
 def _to_8bit_grey(image: Image.Image) -> Image.Image:
-    """16/32-bit integer or float greyscale -> 8-bit 'L', keeping the full range visible."""
+    """16/32-bit integer or float greyscale -> 8-bit 'L', keeping the full range visible; other modes as they are."""
+    if not (image.mode in ("I", "F") or image.mode.startswith("I;16")):
+        return image
     values = np.asarray(image).astype(np.float64)
     if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
         values = values / 65535 * 255
@@ -70,12 +72,10 @@ def _to_8bit_grey(image: Image.Image) -> Image.Image:
 
 def load_image(source: ImageLike) -> Image.Image:
     """Any image (path, PIL image or uint8 array, any mode and size) -> an 8-bit RGB PIL image."""
-    image = _open(source, "image")
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        image = _to_8bit_grey(image)
+    image = _to_8bit_grey(_open(source, "image"))
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA") or image.mode.endswith("A"):
+    if image.mode.endswith("A"):  # RGBA, LA, PA
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
@@ -84,10 +84,7 @@ def load_image(source: ImageLike) -> Image.Image:
 
 def load_mask(source: ImageLike, size: tuple[int, int] | None = None) -> np.ndarray:
     """A mask image (white = object) -> bool array (H, W); resized (nearest) to `size` = (W, H) if given."""
-    image = _open(source, "mask")
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        image = _to_8bit_grey(image)
-    grey = image.convert("L")
+    grey = _to_8bit_grey(_open(source, "mask")).convert("L")
     if size is not None and grey.size != tuple(size):
         grey = grey.resize(tuple(size), Image.Resampling.NEAREST)
     mask = np.asarray(grey) > 0
@@ -115,7 +112,8 @@ def concept_folder(folder: str | os.PathLike) -> list[tuple[Path, Path | None]]:
                     if p.suffix.lower() in (".jpg", ".jpeg", ".png") and not p.stem.endswith("_bg"))
     if not images:
         raise ValueError(f"{folder} holds no images; a concept folder has `N.jpg` or `N.png` (+ mask `N_bg.png`).")
-    return [(p, p.with_name(f"{p.stem}_bg.png") if p.with_name(f"{p.stem}_bg.png").is_file() else None) for p in images]
+    masks = [p.with_name(f"{p.stem}_bg.png") for p in images]
+    return [(p, m if m.is_file() else None) for p, m in zip(images, masks)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,14 +156,14 @@ def toy_prompt_with_placeholder(spec, rng: np.random.Generator, placeholder: str
     background said with probability 1/2. In the toy world a training image is the whole scene, not
     a tight crop of the object as in the authors' data, so the caption names the rest of the scene;
     the words then have no reason to carry it."""
-    from .toyworld.render import POSITION_PHRASES, PREFIXES  # noqa: PLC0415 (toy data only)
+    from .toyworld.render import POSITION_PHRASES, PREFIXES, _article  # noqa: PLC0415 (toy data only)
 
     obj = spec.objects[0]
     text = f"a {obj.size} {placeholder}" if rng.random() < 0.5 else f"a {placeholder}"
     if rng.random() < 0.5:
         text += " " + POSITION_PHRASES[obj.position]
     if rng.random() < 0.5:
-        text += f", on {'an' if spec.background[0] in 'aeiou' else 'a'} {spec.background} background"
+        text += f", on {_article(spec.background)} {spec.background} background"
     prefix = PREFIXES[rng.integers(len(PREFIXES))]
     return f"{prefix} {text}" if prefix else text
 

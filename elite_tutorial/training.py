@@ -152,8 +152,8 @@ def _validation_grid(components: Components, mapper: GlobalMapper, source: Train
     generated = []
     for index, image in enumerate(references):
         concept = pipe.encode(image)
-        out = pipe("a photo of a S", concept, generator=torch.Generator().manual_seed(seed + index), output_type="np")
-        generated.append((out.images[0] * 255).round().astype(np.uint8))
+        out = pipe("a photo of a S", concept, generator=torch.Generator().manual_seed(seed + index))
+        generated.append(np.asarray(out.images[0]))
     side = generated[0].shape[0]
     top = [np.asarray(image.resize((side, side))) for image in references]
     grid = np.concatenate([np.concatenate(top, 1), np.concatenate(generated, 1)], 0)

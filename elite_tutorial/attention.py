@@ -13,11 +13,18 @@ The UNet is changed only through `unet.set_attn_processor`, by layer name:
 or `install_elite_attention(unet, mapper)` / `remove_elite_attention(unet)`. Installing twice does not
 stack: each ELITE processor remembers the processor it replaced, and a second install replaces the
 ELITE processor, not wraps it.
+
+With a `LocalMapper` the processors also run ELITE's **local branch**: the same query attends over the
+object's local tokens through the local k/v copies; that output is gated, pixel by pixel and head by
+head, by w0's attention map from the text branch (normalised by its maximum, per sample) and scaled
+by λ, then added to the text branch's output before `to_out`. The tokens of one call are given as
+`LocalTokens` (`set_local_tokens`, or `elite_attention(..., local=...)`).
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,17 +35,46 @@ from torch import nn
 from .attention_maps import cross_attention_layers
 
 
+@dataclass
+class LocalTokens:
+    """What ELITE's local branch reads during UNet calls.
+
+    tokens: (rows, patches, text_width), the masked local tokens (`mappers.mask_local_tokens`).
+    rows: (rows,) long, the rows of the UNet batch they belong to. Under batched classifier-free
+        guidance these are the conditional rows: the unconditional ones get no local term, as in the
+        authors' code.
+    primary_index: (rows,) long, the position of w0 among each of those rows' prompt tokens.
+    scale: λ; 1 in training, 0.8 by default at inference. 0 leaves the text branch's result exactly.
+    gates: a dict to record the gates in ({layer: [(rows, pixels) gate, head mean, per call]}), or None.
+    """
+
+    tokens: torch.Tensor
+    rows: torch.Tensor
+    primary_index: torch.Tensor
+    scale: float = 0.8
+    gates: dict | None = None
+
+    def __post_init__(self):
+        if not (len(self.tokens) == len(self.rows) == len(self.primary_index)):
+            raise ValueError(f"LocalTokens: {len(self.tokens)} token sets, {len(self.rows)} rows and "
+                             f"{len(self.primary_index)} primary indices; they must match.")
+
+
 class ELITEAttnProcessor:
-    """An `attn2` processor whose keys and values come from ELITE's copies `to_k`, `to_v`.
+    """An `attn2` processor whose keys and values come from ELITE's copies `to_k`, `to_v`, with
+    ELITE's local branch when given local k/v copies and `local` tokens.
 
     Same maths as diffusers' `AttnProcessor2_0` for Stable Diffusion's cross-attention (fused
     `F.scaled_dot_product_attention`), with `attn.to_k`/`attn.to_v` swapped for the copies.
     """
 
-    def __init__(self, layer: str, to_k: nn.Linear, to_v: nn.Linear, replaced, capture: dict | None = None):
+    def __init__(self, layer: str, to_k: nn.Linear, to_v: nn.Linear, replaced, capture: dict | None = None,
+                 local_kv: tuple[nn.Linear, nn.Linear] | None = None):
         self.layer, self.to_k, self.to_v = layer, to_k, to_v
         self.replaced = replaced  # the processor this one stands in for; restored on removal
         self.capture = capture    # if a dict: {layer: [head-mean probabilities per call]}, explicit path
+        self.local_kv = local_kv  # (to_k_local, to_v_local) of a LocalMapper, or None
+        self.local: LocalTokens | None = None
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb=None, **kwargs) -> torch.Tensor:
@@ -47,26 +83,60 @@ class ELITEAttnProcessor:
         if encoder_hidden_states is None:
             raise ValueError(f"{self.layer}: ELITE's processor is for cross-attention; it got no text context.")
         batch, pixels, _ = hidden_states.shape
-        query = attn.to_q(hidden_states)
-        key = self.to_k(encoder_hidden_states.to(self.to_k.weight.dtype)).to(query.dtype)
-        value = self.to_v(encoder_hidden_states.to(self.to_v.weight.dtype)).to(query.dtype)
-        head_dim = query.shape[-1] // attn.heads
+        head_dim = attn.to_q.out_features // attn.heads
 
-        def heads(x: torch.Tensor) -> torch.Tensor:  # (batch, n, heads * d) -> (batch, heads, n, d)
-            return x.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        def heads(x: torch.Tensor) -> torch.Tensor:  # (n, length, heads * d) -> (n, heads, length, d)
+            return x.view(len(x), -1, attn.heads, head_dim).transpose(1, 2)
 
+        query = heads(attn.to_q(hidden_states))
+        key = heads(_project(self.to_k, encoder_hidden_states, query.dtype))
+        value = heads(_project(self.to_v, encoder_hidden_states, query.dtype))
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
         if self.capture is None:
-            out = F.scaled_dot_product_attention(heads(query), heads(key), heads(value), attn_mask=attention_mask)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
         else:  # the same maths, with the probabilities in hand: (batch, heads, pixels, tokens)
-            scores = heads(query) @ heads(key).transpose(-1, -2) * attn.scale
-            probs = (scores + (attention_mask if attention_mask is not None else 0)).softmax(dim=-1)
+            probs = _probabilities(query, key, attn.scale, attention_mask)
             self.capture.setdefault(self.layer, []).append(probs.detach().mean(1).float().cpu())
-            out = probs @ heads(value)
+            out = probs @ value
+        if self.local is not None and self.local.scale != 0:
+            out = out.index_add(0, self.local.rows.to(out.device), self._local_term(attn, query, key, attention_mask, heads))
         out = out.transpose(1, 2).reshape(batch, pixels, attn.heads * head_dim)
         return attn.to_out[1](attn.to_out[0](out))
+
+    def _local_term(self, attn: Attention, query, key, attention_mask, heads) -> torch.Tensor:
+        """λ · gate · attention over the local tokens, for the rows that have them: (rows, heads, pixels, d)."""
+        if self.local_kv is None:
+            raise ValueError(f"{self.layer}: local tokens were given, but no LocalMapper was installed.")
+        local = self.local
+        rows = local.rows.to(query.device)
+        query = query[rows]
+        # the gate: w0's probability at each pixel (per head) in the text branch, over its maximum per sample
+        probs = _probabilities(query, key[rows], attn.scale, None if attention_mask is None else attention_mask[rows])
+        index = local.primary_index.to(query.device).view(-1, 1, 1, 1).expand(-1, *probs.shape[1:3], 1)
+        gate = probs.gather(-1, index)  # (rows, heads, pixels, 1)
+        gate = gate / gate.amax(dim=(1, 2, 3), keepdim=True)
+        if local.gates is not None:
+            local.gates.setdefault(self.layer, []).append(gate.detach().mean(1)[..., 0].float().cpu())
+        to_k_local, to_v_local = self.local_kv
+        tokens = local.tokens.to(query.device)
+        attended = F.scaled_dot_product_attention(query, heads(_project(to_k_local, tokens, query.dtype)),
+                                                  heads(_project(to_v_local, tokens, query.dtype)))
+        # the gate is one number per query row, so gating the probabilities (as the authors write it)
+        # and gating the attended values are the same
+        return local.scale * gate * attended
+
+
+def _project(linear: nn.Linear, context: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A k/v copy applied in its own dtype (fp32 copies under bf16 autocast stay fp32), result in `dtype`."""
+    return linear(context.to(linear.weight.dtype)).to(dtype)
+
+
+def _probabilities(query, key, scale: float, attention_mask) -> torch.Tensor:
+    """softmax(q k^T * scale + mask): (n, heads, pixels, tokens)."""
+    scores = query @ key.transpose(-1, -2) * scale
+    return (scores + (attention_mask if attention_mask is not None else 0)).softmax(dim=-1)
 
 
 def _check_supported(unet: UNet2DConditionModel, layer: str) -> None:
@@ -80,18 +150,32 @@ def _check_supported(unet: UNet2DConditionModel, layer: str) -> None:
         raise ValueError(f"{layer}: ELITE's processor supports Stable Diffusion's cross-attention; this layer uses {unsupported}.")
 
 
-def install_elite_attention(unet: UNet2DConditionModel, mapper, capture: dict | None = None) -> None:
+def install_elite_attention(unet: UNet2DConditionModel, mapper, capture: dict | None = None,
+                            local_mapper=None) -> None:
     """Give every `attn2` layer an `ELITEAttnProcessor` with the mapper's k/v copies (idempotent).
     With `capture` (a dict), each layer appends its head-averaged attention probabilities
-    (batch, pixels, tokens) to `capture[processor name]` on every call."""
+    (batch, pixels, tokens) to `capture[processor name]` on every call. With `local_mapper`, the
+    processors carry its local k/v copies; the local branch runs while `set_local_tokens` has given
+    them tokens."""
     processors = unet.attn_processors
     layers = cross_attention_layers(unet)
     for layer in layers:
         _check_supported(unet, layer)
         current = processors[layer]
         replaced = current.replaced if isinstance(current, ELITEAttnProcessor) else current
-        processors[layer] = ELITEAttnProcessor(layer, *mapper.key_value(layer), replaced=replaced, capture=capture)
+        local_kv = local_mapper.key_value(layer) if local_mapper is not None else None
+        processors[layer] = ELITEAttnProcessor(layer, *mapper.key_value(layer), replaced=replaced, capture=capture,
+                                               local_kv=local_kv)
     unet.set_attn_processor(processors)
+
+
+def set_local_tokens(unet: UNet2DConditionModel, local: LocalTokens | None) -> None:
+    """The local tokens ELITE's processors read from now on (None: the text branch alone)."""
+    processors = [p for p in unet.attn_processors.values() if isinstance(p, ELITEAttnProcessor)]
+    if not processors:
+        raise ValueError("Install ELITE's attention (install_elite_attention) before giving it local tokens.")
+    for processor in processors:
+        processor.local = local
 
 
 def remove_elite_attention(unet: UNet2DConditionModel) -> None:
@@ -101,11 +185,14 @@ def remove_elite_attention(unet: UNet2DConditionModel) -> None:
 
 
 @contextmanager
-def elite_attention(unet: UNet2DConditionModel, mapper, capture: dict | None = None) -> Iterator[UNet2DConditionModel]:
+def elite_attention(unet: UNet2DConditionModel, mapper, capture: dict | None = None, local_mapper=None,
+                    local: LocalTokens | None = None) -> Iterator[UNet2DConditionModel]:
     """ELITE's processors inside the block; the UNet's previous processors, exactly, after it.
-    `capture`: see `install_elite_attention`."""
+    `capture`, `local_mapper`: see `install_elite_attention`; `local`: see `set_local_tokens`."""
     previous = unet.attn_processors
-    install_elite_attention(unet, mapper, capture)
+    install_elite_attention(unet, mapper, capture, local_mapper)
+    if local is not None:
+        set_local_tokens(unet, local)
     try:
         yield unet
     finally:

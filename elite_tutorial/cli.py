@@ -2,11 +2,13 @@
 
     elite-train global --preset toy --profile toy --out runs/global-toy
     elite-train global --preset toy --profile toy --out runs/global-toy --resume latest
+    elite-train local --preset toy --profile toy --global-mapper assets/toy-global-mapper --out runs/local-toy
     accelerate launch -m elite_tutorial.cli global --preset sd14 --profile sd14 \\
         --data /data/openimages --mixed-precision bf16 --out runs/global-sd14
 
-`--data toy` (the default) streams toy-world scenes; a folder is read as OpenImages in the authors'
-layout (`data.OpenImagesSource`).
+`--data toy` (the default) streams toy-world scenes; for stage 1 a folder is read as OpenImages in
+the authors' layout (`data.OpenImagesSource`). Stage 2 reads the toy world (OpenImages with
+segmentation masks is not read yet).
 """
 from __future__ import annotations
 
@@ -18,23 +20,24 @@ import torch
 
 from .components import load_components
 from .data import OpenImagesSource, ToyWorldSource
-from .training import PROFILES, recipe_with, train_global
+from .mappers import GlobalMapper
+from .training import LOCAL_PROFILES, PROFILES, recipe_with, train_global, train_local
 
 
-def _source(data: str, components):
+def _source(data: str, components, stage: str):
     clip_size = components.image_encoder.config.image_size
+    latent_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
+    resolution = components.unet.config.sample_size * latent_factor
     if data == "toy":
-        return ToyWorldSource(clip_size=clip_size)
-    resolution = components.unet.config.sample_size * 2 ** (len(components.vae.config.block_out_channels) - 1)
+        return ToyWorldSource(clip_size=clip_size, image_size=resolution, latent_factor=latent_factor)
+    if stage == "local":
+        raise SystemExit("elite-train local: only --data toy is read so far (OpenImages with segmentation masks is not).")
     return OpenImagesSource(Path(data), resolution=resolution, clip_size=clip_size)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="elite-train", description="Train ELITE's mapping networks.")
-    stages = parser.add_subparsers(dest="stage", required=True)
-    stage = stages.add_parser("global", help="stage 1: the global mapping network (+ k/v copies)")
+def _common_options(stage: argparse.ArgumentParser, profiles) -> None:
     stage.add_argument("--preset", default="toy", help="components: a preset name or a components folder")
-    stage.add_argument("--profile", default="toy", choices=sorted(PROFILES))
+    stage.add_argument("--profile", default="toy", choices=sorted(profiles))
     stage.add_argument("--data", default="toy", help="'toy' or an OpenImages folder")
     stage.add_argument("--out", required=True, type=Path)
     stage.add_argument("--resume", choices=["latest"], help="continue from the newest checkpoint in --out")
@@ -42,24 +45,41 @@ def main(argv: list[str] | None = None) -> None:
     stage.add_argument("--batch-size", type=int)
     stage.add_argument("--gradient-accumulation", type=int)
     stage.add_argument("--learning-rate", type=float, help="per sample (scaled by the total batch)")
-    stage.add_argument("--num-words", type=int, help="words injected in training (1 for the ablation)")
-    stage.add_argument("--reg-weight", type=float, help="weight of mean |words| (0 for the ablation)")
     stage.add_argument("--seed", type=int)
     stage.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     stage.add_argument("--gradient-checkpointing", action="store_true")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="elite-train", description="Train ELITE's mapping networks.")
+    stages = parser.add_subparsers(dest="stage", required=True)
+    stage = stages.add_parser("global", help="stage 1: the global mapping network (+ k/v copies)")
+    _common_options(stage, PROFILES)
+    stage.add_argument("--num-words", type=int, help="words injected in training (1 for the ablation)")
+    stage.add_argument("--reg-weight", type=float, help="weight of mean |words| (0 for the ablation)")
+    stage = stages.add_parser("local", help="stage 2: the local mapping network (+ local k/v copies)")
+    _common_options(stage, LOCAL_PROFILES)
+    stage.add_argument("--global-mapper", required=True, type=Path, help="the trained global mapper's folder (frozen)")
+    stage.add_argument("--reg-weight", type=float, help="weight of mean |local values|")
     args = parser.parse_args(argv)
 
-    recipe = recipe_with(args.profile, steps=args.steps, batch_size=args.batch_size,
-                         gradient_accumulation=args.gradient_accumulation, learning_rate=args.learning_rate,
-                         num_words=args.num_words, reg_weight=args.reg_weight, seed=args.seed)
+    overrides = dict(steps=args.steps, batch_size=args.batch_size, gradient_accumulation=args.gradient_accumulation,
+                     learning_rate=args.learning_rate, reg_weight=args.reg_weight, seed=args.seed)
+    if args.stage == "global":
+        overrides["num_words"] = args.num_words
+    recipe = recipe_with(args.profile, args.stage, **overrides)
     # frozen models in the compute dtype; the mapper keeps fp32 weights (autocast does the rest)
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     components = load_components(args.preset, device="cpu", dtype=dtype)
-    mapper = train_global(components, _source(args.data, components), args.out, recipe,
-                          resume=args.resume == "latest", mixed_precision=args.mixed_precision,
-                          gradient_checkpointing=args.gradient_checkpointing,
-                          command=" ".join(["elite-train", *(sys.argv[1:] if argv is None else argv)]))
-    print(f"global mapper ({sum(p.numel() for p in mapper.parameters()) / 1e6:.2f} M parameters) -> {args.out / 'mapper'}")
+    options = dict(resume=args.resume == "latest", mixed_precision=args.mixed_precision,
+                   gradient_checkpointing=args.gradient_checkpointing,
+                   command=" ".join(["elite-train", *(sys.argv[1:] if argv is None else argv)]))
+    source = _source(args.data, components, args.stage)
+    if args.stage == "global":
+        mapper = train_global(components, source, args.out, recipe, **options)
+    else:
+        mapper = train_local(components, GlobalMapper.from_pretrained(args.global_mapper), source, args.out, recipe, **options)
+    print(f"{args.stage} mapper ({sum(p.numel() for p in mapper.parameters()) / 1e6:.2f} M parameters) -> {args.out / 'mapper'}")
 
 
 if __name__ == "__main__":

@@ -93,11 +93,15 @@ def load_mask(source: ImageLike, size: tuple[int, int] | None = None) -> np.ndar
     return mask
 
 
+def unit_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """An RGB PIL image resized (bicubic, squashed) to (3, size, size), in [0, 1]."""
+    resized = image.resize((size, size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255).permute(2, 0, 1)
+
+
 def clip_pixels(image: Image.Image, size: int) -> torch.Tensor:
     """An RGB PIL image -> the image encoder's input (3, size, size), as the authors prepare it."""
-    resized = image.resize((size, size), Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255).permute(2, 0, 1)
-    return clip_normalise(pixels[None])[0]
+    return clip_normalise(unit_pixels(image, size)[None])[0]
 
 
 def concept_folder(folder: str | os.PathLike) -> list[tuple[Path, Path | None]]:
@@ -151,6 +155,16 @@ class TrainingSource(Protocol):
         """A few fixed images to show what the mapper makes of them during training."""
 
 
+class LocalTrainingSource(TrainingSource, Protocol):
+    """A source of stage-2 samples as well (see `training.local_step_losses` for the batch)."""
+
+    def local_batch(self, rng: np.random.Generator, size: int) -> dict:
+        """`pixel_values`, `valid_mask`, `clip_pixels`, `object_pixels`, `object_mask`, `prompts`."""
+
+    def validation_concepts(self) -> list[tuple[Image.Image, np.ndarray]]:
+        """A few fixed (image, mask) pairs to show what the mappers make of them during training."""
+
+
 def toy_prompt_with_placeholder(spec, rng: np.random.Generator, placeholder: str = "S") -> str:
     """'a photo of a large S on the left, on a grass background', each of size, position and
     background said with probability 1/2. In the toy world a training image is the whole scene, not
@@ -171,8 +185,8 @@ def toy_prompt_with_placeholder(spec, rng: np.random.Generator, placeholder: str
 class ToyWorldSource:
     """Single-object toy scenes drawn on the fly; validation shows the held-out personal concepts."""
 
-    def __init__(self, clip_size: int, image_size: int = 64):
-        self.clip_size, self.image_size = clip_size, image_size
+    def __init__(self, clip_size: int, image_size: int = 64, latent_factor: int = 4):
+        self.clip_size, self.image_size, self.latent_factor = clip_size, image_size, latent_factor
 
     def batch(self, rng: np.random.Generator, size: int) -> dict:
         from .toyworld.render import random_scene  # noqa: PLC0415
@@ -183,10 +197,110 @@ class ToyWorldSource:
                 "clip_pixels": torch.stack([augment_for_clip(i, self.clip_size, rng) for i in images]),
                 "prompts": [toy_prompt_with_placeholder(s.spec, rng) for s in scenes]}
 
+    def local_batch(self, rng: np.random.Generator, size: int) -> dict:
+        """A stage-2 batch (see `train_local`): the scene scale-augmented as the UNet's target, with
+        its valid-region mask; the whole scene for the global words; the object alone for the local
+        tokens, with its mask; captions with the scale phrase."""
+        from .toyworld.render import random_scene  # noqa: PLC0415
+
+        scenes = [random_scene(int(seed), two_object_probability=0.0) for seed in rng.integers(0, 10**9, size)]
+        targets, valid, object_pixels, object_masks, prompts = [], [], [], [], []
+        for scene in scenes:
+            image = Image.fromarray(scene.image)
+            target, region, phrase = scale_augment(image, self.image_size, self.latent_factor, rng)
+            pixels, mask = object_view_for_clip(image, scene.masks[0], self.clip_size, rng)
+            targets.append(target), valid.append(region), object_pixels.append(pixels), object_masks.append(mask)
+            prompts.append(with_scale_phrase(toy_prompt_with_placeholder(scene.spec, rng), phrase))
+        return {"pixel_values": torch.stack(targets), "valid_mask": torch.stack(valid),
+                "clip_pixels": torch.stack([unit_pixels(Image.fromarray(s.image), self.clip_size) for s in scenes]),
+                "object_pixels": torch.stack(object_pixels), "object_mask": torch.stack(object_masks),
+                "prompts": prompts}
+
     def validation_images(self) -> list[Image.Image]:
+        return [image for image, _ in self.validation_concepts()]
+
+    def validation_concepts(self) -> list[tuple[Image.Image, np.ndarray]]:
+        """(image, mask) of four held-out personal concepts."""
         from .toyworld.concepts import CONCEPTS, render_concept  # noqa: PLC0415
 
-        return [Image.fromarray(render_concept(c)[0]) for c in CONCEPTS[:4]]
+        return [(Image.fromarray(image), mask) for image, mask in (render_concept(c) for c in CONCEPTS[:4])]
+
+
+# --------------------------------------------------------------------------------------------------
+# Training samples for the local mapper (stage 2).
+
+def scale_augment(image: Image.Image, size: int, latent_factor: int, rng: np.random.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The authors' stage-2 scale augmentation (borrowed from Custom Diffusion) of the UNet's target.
+
+    With probability 2/3 the image is resized to a side in [size/3, size]; if that is under 0.6 size
+    it is pasted at a random place on a blank canvas (0 in [-1, 1]) and the caption says "a far away"
+    or "very small". With probability 1/3 it is enlarged to 1.2..1.4 size and cropped ("zoomed in",
+    "close up"). Returns the target (3, size, size) in [-1, 1], the valid-region mask
+    (1, size / latent_factor, size / latent_factor) that weights the loss (the pasted region, one
+    latent pixel inset; all ones otherwise), and the phrase for the caption ("a" when unchanged).
+    """
+    if rng.integers(0, 3) < 2:
+        scale = int(rng.integers(size // 3, size + 1))
+    else:
+        scale = int(rng.integers(int(1.2 * size), int(1.4 * size)))
+    scale += scale % 2
+    latent = size // latent_factor
+    valid = np.ones((latent, latent), dtype=np.float32)
+    if scale < 0.6 * size:
+        phrase = ("a far away", "very small")[rng.integers(2)]
+        cy, cx = (int(v) for v in rng.integers(scale // 2, size - scale // 2 + 1, size=2))
+        pixels = np.zeros((size, size, 3), dtype=np.float32)
+        pasted = np.asarray(image.resize((scale, scale), Image.Resampling.BICUBIC), dtype=np.float32) / 127.5 - 1
+        pixels[cy - scale // 2: cy + scale // 2, cx - scale // 2: cx + scale // 2] = pasted
+        valid[:] = 0
+        valid[(cy - scale // 2) // latent_factor + 1: (cy + scale // 2) // latent_factor - 1,
+              (cx - scale // 2) // latent_factor + 1: (cx + scale // 2) // latent_factor - 1] = 1
+    elif scale > size:
+        phrase = ("zoomed in", "close up")[rng.integers(2)]
+        cy, cx = (int(v) for v in rng.integers(size // 2, scale - size // 2 + 1, size=2))
+        enlarged = np.asarray(image.resize((scale, scale), Image.Resampling.BICUBIC), dtype=np.float32) / 127.5 - 1
+        pixels = enlarged[cy - size // 2: cy + size // 2, cx - size // 2: cx + size // 2]
+    else:
+        phrase = "a"
+        pixels = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) / 127.5 - 1
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1), torch.from_numpy(valid)[None], phrase
+
+
+def with_scale_phrase(prompt: str, phrase: str) -> str:
+    """Put `scale_augment`'s phrase in place of the prompt's leading article ("a photo of a S" ->
+    "a far away photo of a S"). The authors replace the first *character* of the template, which
+    garbles templates that start with "the" ("ahe photo ..."); this replaces the word."""
+    if phrase == "a":
+        return prompt
+    first, _, rest = prompt.partition(" ")
+    return f"{phrase} {rest}" if first in ("a", "an", "the") else f"{phrase} {prompt}"
+
+
+def object_view_for_clip(image: Image.Image, mask: np.ndarray, size: int, rng: np.random.Generator
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local mapper's view of a training object, as the authors' stage 2 prepares it.
+
+    The object alone (background pixels black) and its mask, resized to the encoder's `size`, then
+    together: a random resize-and-crop (p 0.5, up to 256/224 of the size), rotation within +-30
+    degrees (p 0.5) and translation within +-60/224 of the size (p 0.5).
+    Returns the image (3, size, size) in [0, 1] and the mask (size, size) bool.
+    """
+    object_image = Image.fromarray((np.asarray(image) * mask[..., None]).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
+    object_mask = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)
+    if rng.integers(2) == 0:
+        new_size = int(rng.integers(size, round(size * 256 / 224) + 1))
+        top, left = (int(v) for v in rng.integers(0, new_size - size + 1, size=2))
+        box = (left, top, left + size, top + size)
+        object_image = object_image.resize((new_size, new_size), Image.Resampling.BICUBIC).crop(box)
+        object_mask = object_mask.resize((new_size, new_size), Image.Resampling.NEAREST).crop(box)
+    angle = float(rng.integers(-30, 31)) if rng.integers(2) == 0 else 0.0
+    shift = tuple(int(v) for v in rng.integers(-round(60 * size / 224), round(60 * size / 224) + 1, size=2)) \
+        if rng.integers(2) == 0 else (0, 0)
+    object_image = object_image.rotate(angle, Image.Resampling.BICUBIC, translate=shift)
+    object_mask = object_mask.rotate(angle, Image.Resampling.NEAREST, translate=shift)
+    return (torch.from_numpy(np.asarray(object_image, dtype=np.float32) / 255).permute(2, 0, 1),
+            torch.from_numpy(np.asarray(object_mask) > 127))
 
 
 class OpenImagesSource:

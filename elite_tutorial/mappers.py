@@ -9,11 +9,14 @@ taken at the same relative depths, k * num_layers / 24, rounded: 6 layers -> 1, 
 
 `GlobalMapper` turns the five levels into five word embeddings (w0 primary, w1..w4 auxiliary) and
 carries the trainable copies of every cross-attention layer's `to_k`/`to_v` that ELITE uses for the
-text context. Its weights load from the authors' released `global_mapper.pt` (`from_official`) and
-save/load as safetensors with their config (`save_pretrained` / `from_pretrained`).
+text context. `LocalMapper` turns the same levels of the object image into one token per patch, read
+by ELITE's local attention branch through its own k/v copies. Both load the authors' released
+checkpoints (`global_mapper.pt`, `local_mapper.pt`: `from_official`) and save/load as safetensors
+with their config (`save_pretrained` / `from_pretrained`).
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -22,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionModel
 
@@ -81,30 +85,30 @@ def cross_attention_modules(unet) -> dict[str, nn.Module]:
 
 MODEL_CARD = """
 ---
-{{ card_data }}
+{{{{ card_data }}}}
 ---
 
-An ELITE global mapping network (CLIP image features -> 5 word embeddings, plus k/v copies of every
-cross-attention layer), saved by `elite_tutorial.mappers.GlobalMapper.save_pretrained`.
+An ELITE {branch} mapping network ({what}), saved by
+`elite_tutorial.mappers.{cls}.save_pretrained`.
 
-Load it with `GlobalMapper.from_pretrained(<folder or repo>)` and use it with
+Load it with `{cls}.from_pretrained(<folder or repo>)` and use it with
 `elite_tutorial.pipeline.ELITEPipeline` on the components it was trained for (`config.json` gives the
-widths and layers). Paper: {{ paper_url }}. `log.json`, when present, holds the training command,
+widths and layers). Paper: {{{{ paper_url }}}}. `log.json`, when present, holds the training command,
 recipe and losses.
 """
 
 
-class GlobalMapper(nn.Module, SafetensorsHubMixin, paper_url="https://arxiv.org/abs/2302.13848",
-                   tags=["elite", "text-to-image", "personalization"], model_card_template=MODEL_CARD):
-    """CLIP feature levels -> word embeddings, plus ELITE's k/v copies of every `attn2` layer.
+class _LevelMapper(nn.Module):
+    """What ELITE's two mapping networks share: one pair of MLPs per CLIP feature level (`mapping[i]`
+    for the class token, `mapping_patch[i]` for the patch tokens), and trainable copies of every
+    cross-attention layer's `to_k`/`to_v`, named after the branch (`to_k_global` / `to_k_local`).
 
-    For level i, word i = `mapping[i]`(class token) + mean over patches of `mapping_patch[i]`(patch
-    tokens). sd14: vision 1024 -> hidden 1024 -> text 768, 5 levels, 16 cross-attention layers.
-
-    `to_k_global[key]` / `to_v_global[key]` are bias-free Linear(context_width -> inner_width),
-    keyed by `attention_layer_key(layer)`; `attention_layers` maps those keys to
-    [context_width, inner_width] (it is part of the saved config).
+    The copies are bias-free Linear(context_width -> inner_width), keyed by `attention_layer_key(layer)`;
+    `attention_layers` maps those keys to [context_width, inner_width] (it is part of the saved config).
+    Subclasses set `branch` and define `forward`.
     """
+
+    branch: str
 
     def __init__(
         self,
@@ -120,13 +124,19 @@ class GlobalMapper(nn.Module, SafetensorsHubMixin, paper_url="https://arxiv.org/
         self.attention_layers = {key: list(dims) for key, dims in (attention_layers or {}).items()}
         self.mapping = nn.ModuleList(level_mlp(vision_width, hidden_width, text_width) for _ in range(num_levels))
         self.mapping_patch = nn.ModuleList(level_mlp(vision_width, hidden_width, text_width) for _ in range(num_levels))
-        self.to_k_global = nn.ModuleDict({k: nn.Linear(i, o, bias=False) for k, (i, o) in self.attention_layers.items()})
-        self.to_v_global = nn.ModuleDict({k: nn.Linear(i, o, bias=False) for k, (i, o) in self.attention_layers.items()})
+        for which in ("k", "v"):
+            setattr(self, f"to_{which}_{self.branch}",
+                    nn.ModuleDict({k: nn.Linear(i, o, bias=False) for k, (i, o) in self.attention_layers.items()}))
+
+    def _levels(self, features: Sequence[torch.Tensor]):
+        if len(features) != self.num_levels:
+            raise ValueError(f"Expected {self.num_levels} feature levels, got {len(features)}.")
+        return zip(self.mapping, self.mapping_patch, features)
 
     # -- building ------------------------------------------------------------------------------------
 
     @classmethod
-    def from_components(cls, components, hidden_width: int | None = None) -> GlobalMapper:
+    def from_components(cls, components, hidden_width: int | None = None):
         """A fresh mapper sized for `components`, its k/v copies initialised from the UNet's own.
 
         `hidden_width` defaults to the vision width (1024 for sd14, as the authors).
@@ -141,9 +151,9 @@ class GlobalMapper(nn.Module, SafetensorsHubMixin, paper_url="https://arxiv.org/
         )
         with torch.no_grad():
             for name, module in layers.items():
-                key = attention_layer_key(name)
-                mapper.to_k_global[key].weight.copy_(module.to_k.weight)
-                mapper.to_v_global[key].weight.copy_(module.to_v.weight)
+                to_k, to_v = mapper.key_value(name)
+                to_k.weight.copy_(module.to_k.weight)
+                to_v.weight.copy_(module.to_v.weight)
         return mapper.to(components.device)
 
     def check_compatible(self, components) -> None:
@@ -168,24 +178,10 @@ class GlobalMapper(nn.Module, SafetensorsHubMixin, paper_url="https://arxiv.org/
             raise ValueError("This mapper was made for other components (another preset?): "
                              + "; ".join(problems) + ". Load the mapper trained for these components.")
 
-    # -- the maths -----------------------------------------------------------------------------------
-
-    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        """features: `num_levels` tensors (batch, 1 + patches, vision_width) in the order of
-        `clip_feature_levels` ([last, 4, 8, 12, 16] for ViT-L/14).
-        Returns the words (batch, num_levels, text_width): w0 first."""
-        if len(features) != self.num_levels:
-            raise ValueError(f"Expected {self.num_levels} feature levels, got {len(features)}.")
-        words = [
-            cls_mlp(level[:, :1]) + patch_mlp(level[:, 1:]).mean(dim=1, keepdim=True)
-            for cls_mlp, patch_mlp, level in zip(self.mapping, self.mapping_patch, features)
-        ]
-        return torch.cat(words, dim=1)
-
     def key_value(self, layer: str) -> tuple[nn.Linear, nn.Linear]:
         """The (to_k, to_v) copies of one cross-attention layer (module path or processor name)."""
         key = attention_layer_key(layer)
-        return self.to_k_global[key], self.to_v_global[key]
+        return getattr(self, f"to_k_{self.branch}")[key], getattr(self, f"to_v_{self.branch}")[key]
 
     # -- saving --------------------------------------------------------------------------------------
 
@@ -200,14 +196,14 @@ class GlobalMapper(nn.Module, SafetensorsHubMixin, paper_url="https://arxiv.org/
     # -- the authors' checkpoint format ----------------------------------------------------------------
 
     @classmethod
-    def from_official(cls, checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], components=None) -> GlobalMapper:
-        """Load the authors' `global_mapper.pt` (a path, or its state dict already loaded).
+    def from_official(cls, checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], components=None):
+        """Load the authors' `{global,local}_mapper.pt` (a path, or its state dict already loaded).
 
         Sizes come from the checkpoint; with `components`, they are checked against them.
         The file is read with `torch.load(weights_only=True)`: plain tensors only.
         """
         state = read_official_checkpoint(checkpoint) if not isinstance(checkpoint, Mapping) else dict(checkpoint)
-        ours, config = official_global_to_ours(state)
+        ours, config = official_to_ours(state, cls)
         mapper = cls(**config)
         mapper.load_state_dict(ours)
         if components is not None:
@@ -222,9 +218,69 @@ class GlobalMapper(nn.Module, SafetensorsHubMixin, paper_url="https://arxiv.org/
             for name, mlp in (("mapping", self.mapping[i]), ("mapping_patch", self.mapping_patch[i])):
                 state.update({f"{name}_{i}.{k}": v for k, v in mlp.state_dict().items()})
         for key in self.attention_layers:
-            state[f"{key}_to_k.weight"] = self.to_k_global[key].weight
-            state[f"{key}_to_v.weight"] = self.to_v_global[key].weight
+            to_k, to_v = self.key_value(key)
+            state[f"{key}_to_k.weight"], state[f"{key}_to_v.weight"] = to_k.weight, to_v.weight
         return {k: v.detach().clone() for k, v in state.items()}
+
+
+class GlobalMapper(_LevelMapper, SafetensorsHubMixin, paper_url="https://arxiv.org/abs/2302.13848",
+                   tags=["elite", "text-to-image", "personalization"],
+                   model_card_template=MODEL_CARD.format(branch="global", cls="GlobalMapper",
+                                                         what="CLIP image features -> 5 word embeddings, plus k/v copies of every cross-attention layer")):
+    """CLIP feature levels -> word embeddings, plus ELITE's k/v copies of every `attn2` layer.
+
+    For level i, word i = `mapping[i]`(class token) + mean over patches of `mapping_patch[i]`(patch
+    tokens). sd14: vision 1024 -> hidden 1024 -> text 768, 5 levels, 16 cross-attention layers.
+    The copies (`to_k_global`, `to_v_global`) read all text context (see `attention`).
+    """
+
+    branch = "global"
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """features: `num_levels` tensors (batch, 1 + patches, vision_width) in the order of
+        `clip_feature_levels` ([last, 4, 8, 12, 16] for ViT-L/14).
+        Returns the words (batch, num_levels, text_width): w0 first."""
+        words = [cls_mlp(level[:, :1]) + patch_mlp(level[:, 1:]).mean(dim=1, keepdim=True)
+                 for cls_mlp, patch_mlp, level in self._levels(features)]
+        return torch.cat(words, dim=1)
+
+
+class LocalMapper(_LevelMapper, SafetensorsHubMixin, paper_url="https://arxiv.org/abs/2302.13848",
+                  tags=["elite", "text-to-image", "personalization"],
+                  model_card_template=MODEL_CARD.format(branch="local", cls="LocalMapper",
+                                                        what="CLIP patch features of the object -> one token per patch, plus k/v copies of every cross-attention layer")):
+    """CLIP feature levels of the object image -> one local token per patch, plus the k/v copies
+    (`to_k_local`, `to_v_local`) of ELITE's local attention branch.
+
+    For level i, token p = `mapping[i]`(class token) + `mapping_patch[i]`(patch token p): the class
+    token's mapping is broadcast to every patch. The tokens are then averaged over the levels.
+    sd14: 256 patches x 768. The tokens come back unmasked: `mask_local_tokens` zeroes the background.
+    """
+
+    branch = "local"
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """features: as `GlobalMapper.forward`. Returns (batch, patches, text_width)."""
+        per_level = [cls_mlp(level[:, :1]) + patch_mlp(level[:, 1:]) for cls_mlp, patch_mlp, level in self._levels(features)]
+        return torch.stack(per_level).mean(dim=0)
+
+
+def mask_local_tokens(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Zero the local tokens of background patches, as the authors do.
+
+    tokens: (batch, patches, width) from `LocalMapper`, patches a square grid (16 x 16 for ViT-L/14).
+    mask: (batch, 1, H, W) or (batch, H, W), 1 = object, at any resolution; it is resized to the
+    patch grid by nearest neighbour (the authors' `F.interpolate(mask, (16, 16), mode="nearest")`).
+    Masked tokens become zero vectors that stay in the local softmax: with the bias-free k/v copies
+    their key is 0, which the released local mapper was trained with.
+    """
+    side = math.isqrt(tokens.shape[1])
+    if side * side != tokens.shape[1]:
+        raise ValueError(f"{tokens.shape[1]} local tokens do not form a square patch grid.")
+    if mask.dim() == 3:
+        mask = mask[:, None]
+    grid = F.interpolate(mask.to(tokens.dtype), size=(side, side), mode="nearest")[:, 0]
+    return tokens * grid.reshape(len(grid), -1, 1)
 
 
 def _describe_layers(layers: dict[str, list[int]]) -> str:
@@ -258,12 +314,14 @@ _OFFICIAL_MLP = re.compile(r"^(mapping|mapping_patch)_(\d+)\.(\d+\.(?:weight|bia
 _OFFICIAL_KV = re.compile(r"^(.+)_to_([kv])\.weight$")
 
 
-def official_global_to_ours(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Rename the authors' global-mapper keys to ours and read the sizes off the tensors.
+def official_to_ours(state: Mapping[str, torch.Tensor], mapper_class=GlobalMapper) -> tuple[dict[str, torch.Tensor], dict]:
+    """Rename the authors' mapper keys to ours and read the sizes off the tensors.
 
-    `mapping_{i}.{j}.*` -> `mapping.{i}.{j}.*`; `<layer>_to_k.weight` -> `to_k_global.<layer>.weight`.
-    Returns (our state dict, GlobalMapper config).
+    Both of their checkpoints use one scheme: `mapping_{i}.{j}.*` -> `mapping.{i}.{j}.*`;
+    `<layer>_to_k.weight` -> `to_k_<branch>.<layer>.weight` (branch: global or local).
+    Returns (our state dict, config of `mapper_class`).
     """
+    kind = f"{mapper_class.branch}-mapper checkpoint"
     ours, attention_layers, unknown = {}, {}, []
     for key, tensor in state.items():
         if m := _OFFICIAL_MLP.match(key):
@@ -271,26 +329,26 @@ def official_global_to_ours(state: Mapping[str, torch.Tensor]) -> tuple[dict[str
         elif m := _OFFICIAL_KV.match(key):
             if tensor.dim() != 2:
                 raise ValueError(f"{key} should be a 2-d weight, found shape {tuple(tensor.shape)}.")
-            ours[f"to_{m[2]}_global.{m[1]}.weight"] = tensor
+            ours[f"to_{m[2]}_{mapper_class.branch}.{m[1]}.weight"] = tensor
             attention_layers.setdefault(m[1], [tensor.shape[1], tensor.shape[0]])
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"Not a global-mapper checkpoint: unexpected keys {unknown[:5]}"
+        raise ValueError(f"Not a {kind}: unexpected keys {unknown[:5]}"
                          + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "") + ".")
     if "mapping.0.0.weight" not in ours or "mapping.0.6.weight" not in ours:
-        raise ValueError("Not a global-mapper checkpoint: no `mapping_0.0.weight` / `mapping_0.6.weight`.")
+        raise ValueError(f"Not a {kind}: no `mapping_0.0.weight` / `mapping_0.6.weight`.")
     levels = 1 + max(int(k.split(".")[1]) for k in ours if k.startswith("mapping."))
     hidden_width, vision_width = ours["mapping.0.0.weight"].shape
     config = dict(vision_width=vision_width, text_width=ours["mapping.0.6.weight"].shape[0],
                   hidden_width=hidden_width, num_levels=levels, attention_layers=attention_layers)
-    expected = GlobalMapper(**config).state_dict()
+    expected = mapper_class(**config).state_dict()
     missing = sorted(set(expected) - set(ours))
     if missing:
-        raise ValueError(f"Incomplete global-mapper checkpoint: missing {missing[:5]}"
+        raise ValueError(f"Incomplete {kind}: missing {missing[:5]}"
                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else "") + ".")
     wrong = [f"{k}: expected {tuple(expected[k].shape)}, found {tuple(ours[k].shape)}"
              for k in expected if expected[k].shape != ours[k].shape]
     if wrong:
-        raise ValueError("Inconsistent global-mapper checkpoint: " + "; ".join(wrong[:5]) + ".")
+        raise ValueError(f"Inconsistent {kind}: " + "; ".join(wrong[:5]) + ".")
     return ours, config

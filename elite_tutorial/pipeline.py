@@ -9,21 +9,29 @@ with the concept's words at the placeholder `S` (`words.encode_prompts_with_word
 of classifier-free guidance is encoded by diffusers, and both go through one batched UNet call per
 step, with ELITE's attention processors installed on the UNet for the duration of the call only.
 
+With a `LocalMapper` (`ELITEPipeline(components, global_mapper, local_mapper)`), `encode` also reads
+the object alone (the image with its background blacked out by the mask, as the authors prepare it)
+into local tokens, and generation runs ELITE's local attention branch on the conditional rows, scaled
+by `local_scale` (λ, default 0.8; 0 gives exactly the global-only images).
+
 Sampling defaults: for a full-size (512 px) model, the authors' (LMS scheduler, 100 steps, guidance
 5); for the toy preset, its own scheduler, 25 steps, guidance 5.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from diffusers import LMSDiscreteScheduler
+from PIL import Image
 
-from .attention import elite_attention
+from .attention import LocalTokens, elite_attention
 from .components import Components
 from .data import ImageLike, clip_pixels, load_image, load_mask
-from .mappers import GlobalMapper, clip_feature_levels
-from .words import DEFAULT_PLACEHOLDER, encode_prompts_with_words
+from .mappers import GlobalMapper, LocalMapper, clip_feature_levels, mask_local_tokens
+from .words import DEFAULT_PLACEHOLDER, encode_prompts_with_words, tokenize_with_placeholder
 
 
 @dataclass
@@ -33,11 +41,13 @@ class Concept:
     - `words`: (5, text_width) word embeddings, w0 (primary) first, then the auxiliary w1..w4.
     - `pixel_values`: (3, S, S) the image as the image encoder read it (CLIP-normalised).
     - `mask`: (S, S) bool, the object (True) at the encoder's input size, or None.
+    - `local_tokens`: (patches, text_width) the masked local tokens (with a `LocalMapper`), or None.
     """
 
     words: torch.Tensor
     pixel_values: torch.Tensor
     mask: torch.Tensor | None = None
+    local_tokens: torch.Tensor | None = None
 
     def select(self, token_index: int | list[int] | str = 0) -> torch.Tensor:
         """The words to inject: (n, text_width). `token_index`: an int (one word; 0 = w0), a list
@@ -67,13 +77,14 @@ TOY_DEFAULTS = SamplingDefaults(num_inference_steps=25, guidance_scale=5.0, auth
 class ELITEPipeline:
     """ELITE on a set of `Components`: `encode(image, mask)` -> `Concept`; `__call__` -> images."""
 
-    def __init__(self, components: Components, global_mapper: GlobalMapper, local_mapper=None):
+    def __init__(self, components: Components, global_mapper: GlobalMapper, local_mapper: LocalMapper | None = None):
         global_mapper.check_compatible(components)
-        if local_mapper is not None:
-            raise NotImplementedError("The local mapping network is not part of this version of the pipeline yet.")
         self.components = components
         self.global_mapper = global_mapper.to(components.device, components.dtype).eval()
-        self.local_mapper = local_mapper
+        self.local_mapper = None
+        if local_mapper is not None:
+            local_mapper.check_compatible(components)
+            self.local_mapper = local_mapper.to(components.device, components.dtype).eval()
         full_size = components.unet.config.sample_size >= 64  # 512 px images
         self.defaults = FULL_SIZE_DEFAULTS if full_size else TOY_DEFAULTS
         self.sd_pipeline = components.text_to_image_pipeline()
@@ -89,17 +100,35 @@ class ELITEPipeline:
     def encode(self, image: ImageLike, mask: ImageLike | None = None) -> Concept:
         """Read a concept from one image (path, PIL image or array; any mode and size).
 
-        `mask` (white = object) is kept for the local branch; the global words read the whole
-        image, as in the authors' code.
+        `mask` (white = object; any size, resized to the image) gates the local branch; the global
+        words read the whole image, as in the authors' code. With a `LocalMapper` and no mask, the
+        whole image counts as the object (with a warning): the local tokens then carry the
+        background too.
         """
         rgb = load_image(image)
         pixels = clip_pixels(rgb, self.image_size)
         object_mask = None
         if mask is not None:
             object_mask = torch.from_numpy(load_mask(mask, size=(self.image_size, self.image_size)))
+        words = self.global_mapper(self._levels(pixels))[0]
+        local_tokens = None
+        if self.local_mapper is not None:
+            if mask is None:
+                warnings.warn("No mask given: the local branch reads the whole image as the object.", stacklevel=2)
+                full_mask = np.ones((rgb.height, rgb.width), dtype=bool)
+            else:
+                full_mask = load_mask(mask, size=rgb.size)
+            # the object alone: background pixels black, as the authors' `image * mask`
+            object_image = Image.fromarray((np.asarray(rgb) * full_mask[..., None]).astype(np.uint8))
+            tokens = self.local_mapper(self._levels(clip_pixels(object_image, self.image_size)))
+            grid_mask = torch.from_numpy(full_mask)[None].to(tokens.device)
+            local_tokens = mask_local_tokens(tokens, grid_mask)[0]
+        return Concept(words=words, pixel_values=pixels, mask=object_mask, local_tokens=local_tokens)
+
+    def _levels(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """(3, S, S) CLIP input -> the 5 feature levels (1, 1 + patches, vision_width)."""
         levels = clip_feature_levels(self.components.image_encoder, pixels[None])
-        words = self.global_mapper([level.to(self.components.dtype) for level in levels])[0]
-        return Concept(words=words, pixel_values=pixels, mask=object_mask)
+        return [level.to(self.components.dtype) for level in levels]
 
     def prompt_embeddings(self, prompt: str | list[str], concept: Concept | list[Concept],
                           token_index: int | list[int] | str = 0, placeholder: str = DEFAULT_PLACEHOLDER) -> torch.Tensor:
@@ -123,22 +152,46 @@ class ELITEPipeline:
         generator: torch.Generator | None = None,
         placeholder: str = DEFAULT_PLACEHOLDER,
         capture_attention: dict | None = None,
+        local_scale: float = 0.8,
+        capture_gates: dict | None = None,
         **kwargs,
     ):
         """Generate images of `concept` in `prompt` (which contains the placeholder `S` once).
 
         `capture_attention`: a dict that receives every cross-attention layer's head-averaged
         probabilities per UNet call, (2 * batch, pixels, 77): the unconditional half first.
+        `local_scale`: λ of the local branch (with a `LocalMapper`; 0 = global only).
+        `capture_gates`: a dict that receives the local branch's gate (w0's normalised map) per
+        layer and UNet call, (batch, pixels).
 
         Other keyword arguments go to `StableDiffusionPipeline.__call__` (`num_images_per_prompt`,
         `output_type`, `height`, `width`, `latents`, ...). Returns its output (`.images`).
         """
         prompt_embeds = self.prompt_embeddings(prompt, concept, token_index, placeholder)
-        with elite_attention(self.components.unet, self.global_mapper, capture=capture_attention):
+        guidance_scale = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
+        local = self._local_tokens(prompt, concept, placeholder, local_scale, guidance_scale > 1,
+                                   kwargs.get("num_images_per_prompt") or 1, capture_gates)
+        with elite_attention(self.components.unet, self.global_mapper, capture=capture_attention,
+                             local_mapper=self.local_mapper if local is not None else None, local=local):
             return self.sd_pipeline(
                 prompt_embeds=prompt_embeds,
                 num_inference_steps=num_inference_steps or self.defaults.num_inference_steps,
-                guidance_scale=self.defaults.guidance_scale if guidance_scale is None else guidance_scale,
+                guidance_scale=guidance_scale,
                 generator=generator,
                 **kwargs,
             )
+
+    def _local_tokens(self, prompt, concept, placeholder: str, scale: float, guided: bool, per_prompt: int,
+                      gates: dict | None) -> LocalTokens | None:
+        """The local branch's input for diffusers' batch: with guidance, [unconditional; conditional]
+        rows, each prompt's rows repeated `per_prompt` times; only the conditional rows get tokens."""
+        if self.local_mapper is None:
+            return None
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        concepts = concept if isinstance(concept, list) else [concept] * len(prompts)
+        if any(c.local_tokens is None for c in concepts):
+            raise ValueError("This concept has no local tokens: encode it with this pipeline (it has a LocalMapper).")
+        _, start = tokenize_with_placeholder(self.components.tokenizer, prompts, 1, placeholder)
+        tokens = torch.stack([c.local_tokens for c in concepts]).repeat_interleave(per_prompt, dim=0)
+        rows = torch.arange(len(tokens)) + (len(tokens) if guided else 0)
+        return LocalTokens(tokens, rows, start.repeat_interleave(per_prompt), scale, gates)

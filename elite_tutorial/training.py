@@ -1,4 +1,4 @@
-"""Training ELITE's mapping networks (stage 1: the global mapper) with `accelerate`.
+"""Training ELITE's mapping networks (stage 1: the global mapper; stage 2: the local one) with `accelerate`.
 
 One optimisation step of stage 1 (the authors' `train_global.py`, restated on diffusers' APIs):
 
@@ -9,13 +9,16 @@ One optimisation step of stage 1 (the authors' `train_global.py`, restated on di
     loss_reg  = 0.01 * mean |words|
     AdamW on the mapper (MLPs + k/v copies) only; VAE, UNet and both CLIP towers frozen.
 
+Stage 2 (`train_local`, the authors' `train_local.py`) freezes the global mapper and trains a
+`LocalMapper` through ELITE's local attention branch; see `local_step_losses`.
+
 Runs unchanged on one CPU, one GPU, or many GPUs/nodes (`accelerate launch`), with mixed precision,
 gradient accumulation and optional gradient checkpointing. Every step's randomness (which samples,
 noise, timesteps) is drawn from (seed, step, process), so `--resume latest` continues to exactly the
 weights an uninterrupted run reaches.
 
 Output folder:
-    mapper/                 the final GlobalMapper (save_pretrained: config.json + model.safetensors, + log.json)
+    mapper/                 the final mapper (save_pretrained: config.json + model.safetensors, + log.json)
     checkpoints/step-N/     mapper/ + training_state.safetensors (optimizer, step); the last K kept
     validation/step-N.png   reference images and what the mapper makes of them, every N steps
     log.json                the recipe and loss_mle / loss_reg per step
@@ -27,43 +30,51 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from diffusers import DDPMScheduler
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .attention import elite_attention
+from .attention import LocalTokens, elite_attention, set_local_tokens
 from .components import Components
-from .data import TrainingSource, clip_normalise
-from .mappers import GlobalMapper, clip_feature_levels
+from .data import LocalTrainingSource, TrainingSource, clip_normalise
+from .mappers import GlobalMapper, LocalMapper, clip_feature_levels, mask_local_tokens
 from .storage import atomic_directory, load_optimizer_tensors, optimizer_tensors, save_safetensors_atomic
-from .words import encode_prompts_with_words
+from .words import encode_prompts_with_words, tokenize_with_placeholder
 
 
 @dataclass(frozen=True)
-class GlobalRecipe:
-    """Every number that decides a trained global mapper (with the code and the data)."""
+class _Recipe:
+    """The numbers both stages' training loops read."""
 
     steps: int
     batch_size: int                 # per process
     gradient_accumulation: int
     learning_rate: float            # per sample: scaled by batch * accumulation * processes, as the authors
-    num_words: int = 5              # words injected at the placeholder in training (w0..w{n-1})
-    reg_weight: float = 0.01        # weight of mean |words|
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     validate_every: int = 500
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class GlobalRecipe(_Recipe):
+    """Every number that decides a trained global mapper (with the code and the data)."""
+
+    num_words: int = 5              # words injected at the placeholder in training (w0..w{n-1})
+    reg_weight: float = 0.01        # weight of mean |words|
 
 
 PROFILES = {
@@ -78,6 +89,43 @@ PROFILES = {
 }
 
 
+@dataclass(frozen=True)
+class LocalRecipe(_Recipe):
+    """Every number that decides a trained local mapper (with the code, the data and the global mapper)."""
+
+    reg_weight: float = 1e-4        # weight of mean |local values|, averaged over the layers
+    local_scale: float = 1.0        # λ while training (the authors': 1)
+
+
+LOCAL_PROFILES = {
+    # the authors' recipe: batch 2 x accumulation 4 (x 4 GPUs), lr 1e-5 scaled; the released mapper ran 65k steps
+    "sd14": LocalRecipe(steps=65_000, batch_size=2, gradient_accumulation=4, learning_rate=1e-5),
+    "toy": LocalRecipe(steps=1000, batch_size=16, gradient_accumulation=1, learning_rate=5e-5,
+                       checkpoint_every=250, validate_every=500),
+    "smoke": LocalRecipe(steps=4, batch_size=2, gradient_accumulation=2, learning_rate=1e-4,
+                         checkpoint_every=2, keep_checkpoints=2, validate_every=2),
+}
+
+
+@torch.no_grad()
+def _noised_latents(components: Components, pixel_values: torch.Tensor, noise_scheduler: DDPMScheduler,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VAE latents of the targets (B, 3, H, W) in [-1, 1], noised at random timesteps: (noisy, noise, t)."""
+    c, device = components, components.device
+    latents = c.vae.encode(pixel_values.to(device, c.vae.dtype)).latent_dist.sample(generator) * c.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              generator=generator, device=device)
+    return noise_scheduler.add_noise(latents, noise, timesteps), noise, timesteps
+
+
+@torch.no_grad()
+def _levels(components: Components, pixels01: torch.Tensor) -> list[torch.Tensor]:
+    """The 5 CLIP feature levels of images (B, 3, S, S) in [0, 1], in fp32 for the mapper."""
+    encoder = components.image_encoder
+    return [level.float() for level in clip_feature_levels(encoder, clip_normalise(pixels01.to(encoder.device, encoder.dtype)))]
+
+
 def training_step_losses(components: Components, mapper: GlobalMapper, batch: dict, recipe: GlobalRecipe,
                          noise_scheduler: DDPMScheduler, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """The two losses of one (micro-)batch. ELITE's processors must be installed on the UNet.
@@ -85,20 +133,44 @@ def training_step_losses(components: Components, mapper: GlobalMapper, batch: di
     batch: `pixel_values` (B, 3, H, W) in [-1, 1] (the UNet's target image), `clip_pixels`
     (B, 3, S, S) in [0, 1] (the augmented image for CLIP), `prompts` (B strings with `S`).
     """
-    c, device = components, components.device
-    with torch.no_grad():
-        pixels = batch["pixel_values"].to(device, c.vae.dtype)
-        latents = c.vae.encode(pixels).latent_dist.sample(generator) * c.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=generator, device=device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        levels = clip_feature_levels(c.image_encoder, clip_normalise(batch["clip_pixels"].to(device, c.image_encoder.dtype)))
-    words = mapper([level.float() for level in levels])[:, : recipe.num_words]
+    c = components
+    noisy, noise, timesteps = _noised_latents(c, batch["pixel_values"], noise_scheduler, generator)
+    words = mapper(_levels(c, batch["clip_pixels"]))[:, : recipe.num_words]
     context = encode_prompts_with_words(batch["prompts"], words.to(c.text_encoder.dtype), c.tokenizer, c.text_encoder)
     prediction = c.unet(noisy, timesteps, encoder_hidden_states=context).sample
     return {"loss_mle": F.mse_loss(prediction.float(), noise.float()),
             "loss_reg": recipe.reg_weight * words.abs().mean()}
+
+
+def local_step_losses(components: Components, global_mapper: GlobalMapper, local_mapper: LocalMapper, batch: dict,
+                      recipe: LocalRecipe, noise_scheduler: DDPMScheduler, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The two stage-2 losses of one (micro-)batch. ELITE's processors, with the local mapper's
+    copies, must be installed on the UNet.
+
+    w0 from the frozen global mapper (of the whole image) goes in at the placeholder; the local
+    tokens of the object alone, masked, go through the local branch at λ = `recipe.local_scale`.
+    loss_mle: squared noise error summed over latent channels and averaged over the valid region
+    of the scale augmentation (the authors' normalisation); loss_reg: `reg_weight` x mean |local
+    values| (the local `to_v` outputs), averaged over the layers.
+
+    batch: `pixel_values` (B, 3, H, W) in [-1, 1], `valid_mask` (B, 1, h, w) at latent size,
+    `clip_pixels` and `object_pixels` (B, 3, S, S) in [0, 1], `object_mask` (B, S, S), `prompts`.
+    """
+    c = components
+    noisy, noise, timesteps = _noised_latents(c, batch["pixel_values"], noise_scheduler, generator)
+    with torch.no_grad():
+        w0 = global_mapper(_levels(c, batch["clip_pixels"]))[:, :1]
+        context = encode_prompts_with_words(batch["prompts"], w0.to(c.text_encoder.dtype), c.tokenizer, c.text_encoder)
+    tokens = mask_local_tokens(local_mapper(_levels(c, batch["object_pixels"])), batch["object_mask"].to(c.device))
+    _, primary = tokenize_with_placeholder(c.tokenizer, batch["prompts"], 1)
+    set_local_tokens(c.unet, LocalTokens(tokens, torch.arange(len(tokens)), primary, recipe.local_scale))
+    prediction = c.unet(noisy, timesteps, encoder_hidden_states=context).sample
+    valid = batch["valid_mask"].to(c.device, torch.float32)
+    squared = (prediction.float() - noise.float()).square()
+    plain = getattr(local_mapper, "module", local_mapper)  # under distributed training, the wrapped mapper
+    values = [plain.key_value(layer)[1](tokens) for layer in plain.attention_layers]
+    return {"loss_mle": ((squared * valid).sum((1, 2, 3)) / valid.sum((1, 2, 3))).mean(),
+            "loss_reg": recipe.reg_weight * torch.stack([v.abs().mean() for v in values]).mean()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,7 +181,7 @@ def _checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def _save_checkpoint(out: Path, step: int, mapper: GlobalMapper, optimizer, log: dict, keep: int) -> None:
+def _save_checkpoint(out: Path, step: int, mapper: GlobalMapper | LocalMapper, optimizer, log: dict, keep: int) -> None:
     with atomic_directory(out / "checkpoints" / f"step-{step:06d}") as staging:
         mapper.save_pretrained(staging / "mapper")
         save_safetensors_atomic(optimizer_tensors(optimizer), staging / "training_state.safetensors", {"step": str(step)})
@@ -118,7 +190,7 @@ def _save_checkpoint(out: Path, step: int, mapper: GlobalMapper, optimizer, log:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _resume(out: Path, mapper: GlobalMapper, optimizer, recipe: GlobalRecipe, device) -> tuple[int, list]:
+def _resume(out: Path, mapper: GlobalMapper | LocalMapper, optimizer, recipe, device) -> tuple[int, list]:
     """Load the newest checkpoint into `mapper` and `optimizer`; return (its step, its loss history)."""
     checkpoints = _checkpoint_dirs(out)
     if not checkpoints:
@@ -129,7 +201,7 @@ def _resume(out: Path, mapper: GlobalMapper, optimizer, recipe: GlobalRecipe, de
         changed = sorted(k for k in log["recipe"] if log["recipe"][k] != asdict(recipe).get(k))
         raise ValueError(f"{latest} was trained with another recipe (differs in {changed}); resume with the same "
                          "options, or start a new output folder.")
-    state = GlobalMapper.from_pretrained(latest / "mapper").state_dict()
+    state = type(mapper).from_pretrained(latest / "mapper").state_dict()
     mapper.load_state_dict(state)
     path = latest / "training_state.safetensors"
     load_optimizer_tensors(optimizer, load_file(str(path), device=str(device)))
@@ -142,27 +214,111 @@ def _resume(out: Path, mapper: GlobalMapper, optimizer, recipe: GlobalRecipe, de
 # Validation images.
 
 @torch.no_grad()
-def _validation_grid(components: Components, mapper: GlobalMapper, source: TrainingSource, path: Path, seed: int) -> None:
+def _validation_grid(components: Components, mapper: GlobalMapper, source: TrainingSource, path: Path, seed: int,
+                     local_mapper: LocalMapper | None = None) -> None:
     """Reference images (top row) and "a photo of a S" generated from each (bottom row), as one PNG."""
     from .pipeline import ELITEPipeline  # noqa: PLC0415 (the pipeline imports diffusers' pipelines, slow)
 
-    pipe = ELITEPipeline(components, copy.deepcopy(mapper))  # the pipeline casts its mapper to the models' dtype
+    # copies: the pipeline casts its mappers to the models' dtype
+    pipe = ELITEPipeline(components, copy.deepcopy(mapper), local_mapper and copy.deepcopy(local_mapper))
     pipe.sd_pipeline.set_progress_bar_config(disable=True)
-    references = source.validation_images()
+    if local_mapper is None:
+        references = [(image, None) for image in source.validation_images()]
+    else:
+        references = source.validation_concepts()
     generated = []
-    for index, image in enumerate(references):
-        concept = pipe.encode(image)
+    for index, (image, mask) in enumerate(references):
+        concept = pipe.encode(image, mask)
         out = pipe("a photo of a S", concept, generator=torch.Generator().manual_seed(seed + index))
         generated.append(np.asarray(out.images[0]))
     side = generated[0].shape[0]
-    top = [np.asarray(image.resize((side, side))) for image in references]
+    top = [np.asarray(image.resize((side, side))) for image, _ in references]
     grid = np.concatenate([np.concatenate(top, 1), np.concatenate(generated, 1)], 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(path)
 
 
 # --------------------------------------------------------------------------------------------------
-# The loop.
+# The loop (both stages).
+
+def _train(
+    stage: str,
+    components: Components,
+    next_batch: Callable[[np.random.Generator, int], dict],
+    out: Path,
+    recipe: _Recipe,
+    mapper: GlobalMapper | LocalMapper,
+    step_losses: Callable[[torch.nn.Module, dict, torch.Generator], dict[str, torch.Tensor]],
+    attention: Callable[[torch.nn.Module], AbstractContextManager],
+    validate: Callable[[torch.nn.Module, Path], None],
+    resume: bool,
+    mixed_precision: str,
+    stop_after: int | None,
+    command: str | None,
+):
+    """AdamW on `mapper`'s trainable parameters with `accelerate`, checkpoints, validation, the log.
+
+    `step_losses(mapper as prepared, batch, generator)` returns the named losses of one micro-batch;
+    `attention(mapper)` installs ELITE's processors for the whole run; `validate(mapper, png path)`.
+    """
+    accelerator = Accelerator(gradient_accumulation_steps=recipe.gradient_accumulation, mixed_precision=mixed_precision)
+    scale = recipe.batch_size * recipe.gradient_accumulation * accelerator.num_processes
+    trainable = [p for p in mapper.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=recipe.learning_rate * scale, weight_decay=recipe.weight_decay)
+    start, history = 0, []
+    if resume:
+        start, history = _resume(out, mapper, optimizer, recipe, accelerator.device)
+    elif _checkpoint_dirs(out):
+        raise FileExistsError(f"{out} already holds checkpoints; pass --resume latest or choose a new folder.")
+    prepared, optimizer = accelerator.prepare(mapper, optimizer)
+    log = {"command": command, "recipe": asdict(recipe), "history": history}
+
+    bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc=f"train {stage} mapper",
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    started = time.perf_counter()
+    with attention(mapper):
+        for step in bar:
+            sums: dict[str, float] = {}
+            for micro in range(recipe.gradient_accumulation):
+                rng = np.random.default_rng([recipe.seed, step, accelerator.process_index, micro])
+                generator = torch.Generator(accelerator.device).manual_seed(int(rng.integers(2**62)))
+                batch = next_batch(rng, recipe.batch_size)
+                with accelerator.accumulate(prepared), accelerator.autocast():
+                    losses = step_losses(prepared, batch, generator)
+                    accelerator.backward(sum(losses.values()))
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(trainable, recipe.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / recipe.gradient_accumulation
+            history.append({k: float(f"{v:.6g}") for k, v in sums.items()})  # 6 significant digits: the reg losses are small
+            bar.set_postfix({k: f"{v:.4f}" for k, v in sums.items()})
+            done = step + 1
+            if accelerator.is_main_process:
+                if done % recipe.checkpoint_every == 0 or done == recipe.steps or done == stop_after:
+                    _save_checkpoint(out, done, mapper, optimizer, log, recipe.keep_checkpoints)
+                if done % recipe.validate_every == 0 or done == recipe.steps:
+                    validate(mapper, out / "validation" / f"step-{done:06d}.png")
+            if done == stop_after:
+                break
+    bar.close()
+    log["seconds"] = round(time.perf_counter() - started, 1)
+    mapper.eval()
+    if accelerator.is_main_process and (stop_after is None or stop_after >= recipe.steps):
+        mapper.save_pretrained(out / "mapper")
+        for path in (out / "log.json", out / "mapper" / "log.json"):  # the mapper folder documents itself
+            path.write_text(json.dumps(log))
+    accelerator.wait_for_everyone()
+    return mapper
+
+
+def _fresh_mapper(mapper_class, components: Components, seed: int):
+    """A new mapper for `components` whose initial weights follow `seed`, in fp32, trainable."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return mapper_class.from_components(components).float().train().requires_grad_(True)
+
 
 def train_global(
     components: Components,
@@ -180,73 +336,55 @@ def train_global(
     `stop_after` ends the run after that many steps (a checkpoint is written), as a crash would.
     `command` (the command line, if any) is recorded in the log.
     """
-    out = Path(out)
-    accelerator = Accelerator(gradient_accumulation_steps=recipe.gradient_accumulation, mixed_precision=mixed_precision)
-    components = components.to(accelerator.device)
+    components = components.to(PartialState().device)
     if gradient_checkpointing:  # the UNet's activations dominate the memory of a step
         components.unet.enable_gradient_checkpointing()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.seed)
-        mapper = GlobalMapper.from_components(components).float().train()
-    mapper.requires_grad_(True)
+    mapper = _fresh_mapper(GlobalMapper, components, recipe.seed)
     for level in range(recipe.num_words, mapper.num_levels):  # words never injected are not trained
         mapper.mapping[level].requires_grad_(False)
         mapper.mapping_patch[level].requires_grad_(False)
-    scale = recipe.batch_size * recipe.gradient_accumulation * accelerator.num_processes
-    trainable = [p for p in mapper.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=recipe.learning_rate * scale, weight_decay=recipe.weight_decay)
-    start, history = 0, []
-    if resume:
-        start, history = _resume(out, mapper, optimizer, recipe, accelerator.device)
-    elif _checkpoint_dirs(out):
-        raise FileExistsError(f"{out} already holds checkpoints; pass --resume latest or choose a new folder.")
-    mapper, optimizer = accelerator.prepare(mapper, optimizer)
-    plain_mapper = accelerator.unwrap_model(mapper)
     noise_scheduler = DDPMScheduler.from_config(components.scheduler.config)
-    log = {"command": command, "recipe": asdict(recipe), "history": history}
-
-    bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc="train global mapper",
-               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    started = time.perf_counter()
-    with elite_attention(components.unet, plain_mapper):
-        for step in bar:
-            sums = {"loss_mle": 0.0, "loss_reg": 0.0}
-            for micro in range(recipe.gradient_accumulation):
-                rng = np.random.default_rng([recipe.seed, step, accelerator.process_index, micro])
-                generator = torch.Generator(accelerator.device).manual_seed(int(rng.integers(2**62)))
-                batch = source.batch(rng, recipe.batch_size)
-                with accelerator.accumulate(mapper), accelerator.autocast():
-                    losses = training_step_losses(components, mapper, batch, recipe, noise_scheduler, generator)
-                    accelerator.backward(sum(losses.values()))
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(trainable, recipe.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                for k, v in losses.items():
-                    sums[k] += float(v.detach()) / recipe.gradient_accumulation
-            history.append({k: round(v, 6) for k, v in sums.items()})
-            bar.set_postfix({k: f"{v:.4f}" for k, v in sums.items()})
-            done = step + 1
-            if accelerator.is_main_process:
-                if done % recipe.checkpoint_every == 0 or done == recipe.steps or done == stop_after:
-                    _save_checkpoint(out, done, plain_mapper, optimizer, log, recipe.keep_checkpoints)
-                if done % recipe.validate_every == 0 or done == recipe.steps:
-                    _validation_grid(components, plain_mapper, source, out / "validation" / f"step-{done:06d}.png", recipe.seed)
-            if done == stop_after:
-                break
-    bar.close()
-    log["seconds"] = round(time.perf_counter() - started, 1)
-    plain_mapper.eval()
-    if accelerator.is_main_process and (stop_after is None or stop_after >= recipe.steps):
-        plain_mapper.save_pretrained(out / "mapper")
-        for path in (out / "log.json", out / "mapper" / "log.json"):  # the mapper folder documents itself
-            path.write_text(json.dumps(log))
-    accelerator.wait_for_everyone()
-    return plain_mapper
+    return _train(
+        "global", components, source.batch, Path(out), recipe, mapper,
+        step_losses=lambda m, batch, generator: training_step_losses(components, m, batch, recipe, noise_scheduler, generator),
+        attention=lambda m: elite_attention(components.unet, m),
+        validate=lambda m, path: _validation_grid(components, m, source, path, recipe.seed),
+        resume=resume, mixed_precision=mixed_precision, stop_after=stop_after, command=command)
 
 
-def recipe_with(profile: str, **overrides) -> GlobalRecipe:
-    """A profile with some fields replaced (None values are ignored)."""
-    if profile not in PROFILES:
-        raise ValueError(f"Unknown profile {profile!r}; choose one of {', '.join(PROFILES)}.")
-    return replace(PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None})
+def train_local(
+    components: Components,
+    global_mapper: GlobalMapper,
+    source: LocalTrainingSource,
+    out: str | Path,
+    recipe: LocalRecipe,
+    resume: bool = False,
+    mixed_precision: str = "no",
+    gradient_checkpointing: bool = False,
+    stop_after: int | None = None,
+    command: str | None = None,
+) -> LocalMapper:
+    """Stage 2: train a local mapper (its MLPs and local k/v copies) with `global_mapper` and its k/v
+    copies frozen; see `local_step_losses`. Same options, checkpoints and output as `train_global`."""
+    components = components.to(PartialState().device)
+    if gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+    global_mapper.check_compatible(components)
+    global_mapper = global_mapper.to(components.device).float().eval().requires_grad_(False)
+    mapper = _fresh_mapper(LocalMapper, components, recipe.seed)
+    noise_scheduler = DDPMScheduler.from_config(components.scheduler.config)
+    return _train(
+        "local", components, source.local_batch, Path(out), recipe, mapper,
+        step_losses=lambda m, batch, generator: local_step_losses(components, global_mapper, m, batch, recipe,
+                                                                 noise_scheduler, generator),
+        attention=lambda m: elite_attention(components.unet, global_mapper, local_mapper=m),
+        validate=lambda m, path: _validation_grid(components, global_mapper, source, path, recipe.seed, local_mapper=m),
+        resume=resume, mixed_precision=mixed_precision, stop_after=stop_after, command=command)
+
+
+def recipe_with(profile: str, stage: str = "global", **overrides) -> GlobalRecipe | LocalRecipe:
+    """A `stage` ("global" or "local") profile with some fields replaced (None values are ignored)."""
+    profiles = PROFILES if stage == "global" else LOCAL_PROFILES
+    if profile not in profiles:
+        raise ValueError(f"Unknown {stage} profile {profile!r}; choose one of {', '.join(profiles)}.")
+    return replace(profiles[profile], **{k: v for k, v in overrides.items() if v is not None})

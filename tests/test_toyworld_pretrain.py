@@ -1,4 +1,5 @@
 """A few steps of each pretraining stage on CPU: losses fall, resuming is exact, the output loads."""
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -81,6 +82,48 @@ def test_whole_command_writes_loadable_folders(tmp_path):
 def test_resuming_with_another_recipe_is_refused(tmp_path):
     work = tmp_path / "toy-sd.work"
     work.mkdir()
-    (work / "log.json").write_text('{"seconds": {}, "recipe": {"seed": 1}}')
+    (work / "recipe.json").write_text('{"seed": 1}')
     with pytest.raises(ValueError, match="another recipe"):
         P.pretrain(tmp_path / "toy-sd", tmp_path / "toy-eval", P.PROFILES["smoke"], "cpu")
+
+
+def test_loader_workers_build_the_batches_built_inline(pool):
+    """Batches depend on the step alone, so workers building them ahead change nothing."""
+    tokenizer = toy_tokenizer()
+
+    def make_batch(rng):
+        index = rng.integers(len(pool), size=4)
+        texts = [P.caption(pool.specs[i], rng, 0.3) for i in index]
+        return {"pixels": pool.pixels(index), "input_ids": P.tokenize(tokenizer, texts)}
+
+    batches = P.StepBatches(make_batch, seed=0, stage="clip", start=3, steps=9)
+    inline = [batches[k] for k in range(len(batches))]
+    loaded = list(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=2))
+    assert len(loaded) == 6
+    for a, b in zip(inline, loaded):
+        assert a["seed"] == b["seed"]
+        assert torch.equal(a["pixels"], b["pixels"]) and torch.equal(a["input_ids"], b["input_ids"])
+    assert not torch.equal(inline[0]["pixels"], inline[1]["pixels"])
+
+
+def test_pool_cache_is_reused(tmp_path):
+    cache = tmp_path / "pool.npy"
+    first = P.ScenePool(7, 32, processes=1, cache=cache)
+    assert cache.exists()
+    second = P.ScenePool(7, 32, processes=1, cache=cache)
+    assert isinstance(second.images, np.memmap) and np.array_equal(first.images, second.images)
+
+
+def test_stages_run_as_separate_commands_then_finish(tmp_path):
+    base = ["--profile", "smoke", "--out", str(tmp_path / "toy-sd"), "--eval-out", str(tmp_path / "toy-eval"), "--device", "cpu"]
+    with pytest.raises(RuntimeError, match="needs the clip stage"):
+        P.main(base + ["--stages", "unet"])
+    for stage in ("judge", "clip", "vae"):  # what three processes would do at once on a GPU
+        P.main(base + ["--stages", stage])
+        assert not (tmp_path / "toy-sd").exists()
+    P.main(base)  # finds the three done, trains the UNet, writes the folders
+    log = json.loads((tmp_path / "toy-sd" / "pretrain_log.json").read_text())
+    assert set(log["seconds"]) == {"render_pool", "clip", "vae", "unet", "judge", "total"}
+    assert any(command.endswith("--stages judge") for command in log["commands"])
+    with pytest.raises(SystemExit):
+        P.main(base + ["--stages", "clip,decoder"])

@@ -61,7 +61,7 @@ def toy_vae() -> AutoencoderKL:
     # No attention in the mid block: the VAE is purely convolutional, like most of SD's.
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=SIZE,
-        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+        block_out_channels=(48, 96, 96), layers_per_block=1, norm_num_groups=16,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         mid_block_add_attention=False,
     )

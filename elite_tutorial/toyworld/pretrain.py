@@ -6,15 +6,17 @@
    encoder's hidden states, with 10 % of captions dropped to "" for classifier-free guidance;
 4. the **toy judge** (evaluation only) trained on rendered ground truth.
 
-Console script: `elite-toy-pretrain --out assets/toy-sd --judge-out assets/toy-judge`.
+Console script: `elite-toy-pretrain --out assets/toy-sd --eval-out assets/toy-eval`.
 Resumable: each stage writes a checkpoint every `checkpoint_every` steps into `<out>.work/` (atomic
 safetensors) and a finished stage's models; rerunning the same command continues where it stopped.
 Batches, caption drops and noise at step k come from a generator seeded by (seed, stage, k), so a
-resumed run computes exactly the steps an uninterrupted run would.
+resumed run computes exactly the steps an uninterrupted run would, and DataLoader workers can build
+batches ahead of the accelerator. `--stages` runs some stages only (see `pretrain`).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import multiprocessing
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModel
 
@@ -76,10 +79,12 @@ class Recipe:
 PROFILES = {
     # sized for about an hour on a 2-core CPU
     "default": Recipe(),
+    # sized for about five minutes on one H100 with CLIP, VAE and judge run at once (`--stages`): the
+    # steps there cost what the kernel launches cost, so batches are wide; the VAE sees whole scenes
+    "gpu": Recipe(pool_size=50_000, clip_steps=1500, clip_batch=256, vae_steps=2000, vae_batch=128, vae_crop=64,
+                  unet_steps=2000, unet_batch=768, ema_decay=0.998, judge_steps=1000, judge_batch=256,
+                  checkpoint_every=500),
     # a few steps of everything: for tests and for trying the command
-    # longer and wider batches: for a GPU
-    "large": Recipe(clip_steps=2000, vae_steps=2000, vae_batch=64, unet_steps=6000, unet_batch=128,
-                    judge_steps=1000, pool_size=50_000, ema_decay=0.998, checkpoint_every=1000),
     "smoke": Recipe(pool_size=64, clip_steps=6, clip_batch=16, vae_steps=6, vae_batch=8, unet_steps=6,
                     unet_batch=8, judge_steps=6, judge_batch=16, warmup_steps=2, checkpoint_every=3),
 }
@@ -88,26 +93,37 @@ PROFILES = {
 # --------------------------------------------------------------------------------------------------
 # Data.
 
-def _render_seed(seed: int, two_object_probability: float) -> tuple[SceneSpec, np.ndarray]:
-    spec = random_spec(np.random.default_rng(seed), two_object_probability)
-    return spec, render(spec)[0]
+def _render_image(spec: SceneSpec) -> np.ndarray:
+    return render(spec)[0]
 
 
 class ScenePool:
-    """`size` rendered scenes (specs and pixels), drawn once; captions are drawn afresh per use."""
+    """`size` rendered scenes (specs and pixels), drawn once; captions are drawn afresh per use.
 
-    def __init__(self, first_seed: int, size: int, two_object_probability: float = 0.25, processes: int | None = None):
-        seeds = range(first_seed, first_seed + size)
-        args = [(s, two_object_probability) for s in seeds]
-        processes = processes or min(os.cpu_count() or 1, 8)
+    With `cache`, the pixels are saved there (`.npy`) the first time and memory-mapped after, so a
+    resumed run, or stages run as separate processes, render the pool once."""
+
+    def __init__(self, first_seed: int, size: int, two_object_probability: float = 0.25,
+                 processes: int | None = None, cache: Path | None = None):
+        self.specs = [random_spec(np.random.default_rng(s), two_object_probability)
+                      for s in range(first_seed, first_seed + size)]
+        if cache is not None and cache.exists():
+            self.images = np.load(cache, mmap_mode="r")
+            if self.images.shape[0] == size:
+                return
+        processes = processes or min(os.cpu_count() or 1, 16)
         # fork (Linux): workers only run numpy; spawn would re-run the caller's script in each worker
         if processes > 1 and size >= 256 and "fork" in multiprocessing.get_all_start_methods():
-            with multiprocessing.get_context("fork").Pool(processes) as pool:
-                rendered = pool.starmap(_render_seed, args, chunksize=256)
+            with multiprocessing.get_context("fork").Pool(processes) as workers:
+                rendered = workers.map(_render_image, self.specs, chunksize=256)
         else:
-            rendered = [_render_seed(*a) for a in args]
-        self.specs = [spec for spec, _ in rendered]
-        self.images = np.stack([image for _, image in rendered])  # (size, 64, 64, 3) uint8
+            rendered = [_render_image(spec) for spec in self.specs]
+        self.images = np.stack(rendered)  # (size, 64, 64, 3) uint8
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_name(f"{cache.stem}.{os.getpid()}.partial.npy")
+            np.save(partial, self.images)
+            os.replace(partial, cache)
 
     def __len__(self) -> int:
         return len(self.specs)
@@ -126,8 +142,34 @@ def tokenize(tokenizer: CLIPTokenizer, texts: list[str], padding: str = "max_len
                      truncation=True, return_tensors="pt").input_ids
 
 
+class StepBatches(Dataset):
+    """Item k is the CPU batch of training step `start + k`, built by `make_batch` from a generator
+    seeded by (seed, stage, step) alone. Batches therefore do not depend on each other: DataLoader
+    workers build them ahead while the accelerator trains, and a resumed run sees the same ones.
+    Each batch also carries `seed`, for the noise the step draws on the device."""
+
+    def __init__(self, make_batch: Callable[[np.random.Generator], dict], seed: int, stage: str, start: int, steps: int):
+        self.make_batch, self.seed, self.stage_id = make_batch, seed, STAGES.index(stage) if stage in STAGES else 99
+        self.start, self.steps = start, steps
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+    def __getitem__(self, k: int) -> dict:
+        rng = np.random.default_rng([self.seed, self.stage_id, self.start + k])
+        return {"seed": int(rng.integers(2**62)), **self.make_batch(rng)}
+
+
+def _loader_workers(device: torch.device) -> int:
+    """Batch-building processes: none on a CPU (its cores are busy training); a few beside a GPU."""
+    return 0 if device.type == "cpu" else min(4, max(1, (os.cpu_count() or 2) // 4))
+
+
 # --------------------------------------------------------------------------------------------------
 # The training loop shared by all stages.
+
+LOG_EVERY = 25  # steps between reading losses back from the device (each read waits for the device)
+
 
 def _learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10 % of the peak (stateless: resume needs no scheduler)."""
@@ -140,7 +182,8 @@ def _learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 def train_loop(
     name: str,
     model: torch.nn.Module,
-    loss_fn: Callable[[np.random.Generator, torch.Generator], dict[str, torch.Tensor]],
+    make_batch: Callable[[np.random.Generator], dict],
+    loss_fn: Callable[[dict, torch.Generator], dict[str, torch.Tensor]],
     steps: int,
     lr: float,
     recipe: Recipe,
@@ -149,12 +192,13 @@ def train_loop(
     ema: torch.nn.Module | None = None,
     stop_after: int | None = None,
 ) -> list[dict[str, float]]:
-    """AdamW over `model`'s trainable parameters for `steps` steps; `loss_fn` returns named losses
+    """AdamW over `model`'s trainable parameters for `steps` steps. `make_batch(rng)` builds a step's
+    inputs on the CPU (see `StepBatches`); `loss_fn(batch on device, generator)` returns named losses
     whose sum is minimised. Resumes from `work/<name>.checkpoint.safetensors` when present.
     `stop_after` ends the run early after that many total steps (to test resuming)."""
     work.mkdir(parents=True, exist_ok=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, fused=device.type == "cuda")
     checkpoint = work / f"{name}.checkpoint.safetensors"
     history_file = work / f"{name}.history.json"
     start, history = 0, []
@@ -168,44 +212,53 @@ def train_loop(
             start = int(f.metadata()["step"])
         # the history may have been written just before a crash that kept the older checkpoint
         history = json.loads(history_file.read_text())[:start]
-    stage_id = STAGES.index(name) if name in STAGES else 99
-    bar = tqdm(range(start, steps), desc=f"pretrain {name}", initial=start, total=steps, dynamic_ncols=True)
+    end = min(steps, stop_after or steps)
+    workers = _loader_workers(device)
+    if workers:  # the workers tokenise; a tokenizer thread pool inside each would only oversubscribe
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    loader = DataLoader(StepBatches(make_batch, recipe.seed, name, start, end), batch_size=None,
+                        num_workers=workers, prefetch_factor=4 if workers else None,
+                        pin_memory=device.type == "cuda")
+    bar = tqdm(desc=f"pretrain {name}", initial=start, total=steps, dynamic_ncols=True)
+    pending: list[dict[str, torch.Tensor]] = []  # losses still on the device
     model.train()
-    for step in bar:
-        rng = np.random.default_rng([recipe.seed, stage_id, step])
-        generator = torch.Generator(device).manual_seed(int(rng.integers(2**62)))
+    for step, batch in enumerate(loader, start):
+        generator = torch.Generator(device).manual_seed(batch.pop("seed"))
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, steps, lr, recipe.warmup_steps)
-        losses = loss_fn(rng, generator)
-        total = sum(losses.values())
+        losses = loss_fn(batch, generator)
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        sum(losses.values()).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if ema is not None:
             decay = min(recipe.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
-                for e, p in zip(ema.parameters(), model.parameters()):
-                    e.lerp_(p, 1 - decay)
-        history.append({k: round(float(v.detach()), 6) for k, v in losses.items()})
-        bar.set_postfix({k: f"{v:.4f}" for k, v in history[-1].items()})
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+        pending.append({k: v.detach() for k, v in losses.items()})
         done = step + 1
-        if done % recipe.checkpoint_every == 0 or done == steps or done == stop_after:
+        bar.update()
+        save = done % recipe.checkpoint_every == 0 or done == end
+        if len(pending) == LOG_EVERY or save:
+            columns = {k: torch.stack([p[k] for p in pending]).float().tolist() for k in pending[0]}
+            history += [{k: round(v[i], 6) for k, v in columns.items()} for i in range(len(pending))]
+            pending.clear()
+            bar.set_postfix({k: f"{v:.4f}" for k, v in history[-1].items()})
+        if save:
             tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
             if ema is not None:
                 tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
             tensors.update(optimizer_tensors(optimizer))
             history_file.write_text(json.dumps(history))
             save_safetensors_atomic(tensors, checkpoint, {"step": str(done)})
-        if done == stop_after:
-            break
     bar.close()
     model.eval()
     return history
 
 
 # --------------------------------------------------------------------------------------------------
-# Stages.
+# Stages. Each builds its batches on the CPU (`make_batch`) and computes its losses on the device.
 
 def _autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -220,29 +273,34 @@ def train_clip(pool: ScenePool, tokenizer, recipe: Recipe, work: Path, device, s
     _seed_init(recipe, "clip")
     model = toy_clip(tokenizer).to(device)
 
-    def loss_fn(rng, generator):
+    def make_batch(rng):
         index = rng.integers(len(pool), size=recipe.clip_batch)
         texts = [caption(pool.specs[i], rng, recipe.caption_drop) for i in index]
+        return {"input_ids": tokenize(tokenizer, texts, padding="longest"),
+                "pixel_values": clip_normalise(pool.pixels(index))}
+
+    def loss_fn(batch, generator):
         with _autocast(device):
-            out = model(input_ids=tokenize(tokenizer, texts, padding="longest").to(device),
-                        pixel_values=clip_normalise(pool.pixels(index)).to(device), return_loss=True)
+            out = model(**batch, return_loss=True)
         return {"loss_contrastive": out.loss.float()}
 
-    history = train_loop("clip", model, loss_fn, recipe.clip_steps, recipe.clip_lr, recipe, work, device, stop_after=stop_after)
+    history = train_loop("clip", model, make_batch, loss_fn, recipe.clip_steps, recipe.clip_lr, recipe, work, device, stop_after=stop_after)
     return model, history
 
 
 def train_vae(pool: ScenePool, recipe: Recipe, work: Path, device, stop_after=None):
     _seed_init(recipe, "vae")
     vae = toy_vae().to(device)
-
     crop = recipe.vae_crop
 
-    def loss_fn(rng, generator):
+    def make_batch(rng):
         images = pool.pixels(rng.integers(len(pool), size=recipe.vae_batch)) * 2 - 1
         # the VAE is fully convolutional: random crops teach it the same at a fraction of the cost
         top, left = (int(v) for v in rng.integers(0, SIZE - crop + 1, size=2) // 4 * 4)
-        images = images[:, :, top:top + crop, left:left + crop].to(device)
+        return {"images": images[:, :, top:top + crop, left:left + crop]}
+
+    def loss_fn(batch, generator):
+        images = batch["images"]
         with _autocast(device):
             posterior = vae.encode(images).latent_dist
             reconstruction = vae.decode(posterior.sample(generator)).sample.float()
@@ -250,7 +308,7 @@ def train_vae(pool: ScenePool, recipe: Recipe, work: Path, device, stop_after=No
                 "loss_l1": F.l1_loss(reconstruction, images),
                 "loss_kl": recipe.vae_kl_weight * posterior.kl().mean()}
 
-    history = train_loop("vae", vae, loss_fn, recipe.vae_steps, recipe.vae_lr, recipe, work, device, stop_after=stop_after)
+    history = train_loop("vae", vae, make_batch, loss_fn, recipe.vae_steps, recipe.vae_lr, recipe, work, device, stop_after=stop_after)
     # SD scales latents to unit variance (0.18215 for SD's VAE): measure ours the same way.
     with torch.no_grad():
         sample = pool.pixels(np.arange(min(len(pool), 1024))).to(device) * 2 - 1
@@ -261,12 +319,13 @@ def train_vae(pool: ScenePool, recipe: Recipe, work: Path, device, stop_after=No
 
 @torch.no_grad()
 def _encode_pool(vae, pool: ScenePool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent means and standard deviations of every pool scene, (size, 4, 16, 16) each, on `device`."""
     means, stds = [], []
     for start in range(0, len(pool), 256):
         images = pool.pixels(np.arange(start, min(start + 256, len(pool)))).to(device) * 2 - 1
         dist = vae.encode(images).latent_dist
-        means.append(dist.mean.cpu())
-        stds.append(dist.std.cpu())
+        means.append(dist.mean)
+        stds.append(dist.std)
     return torch.cat(means), torch.cat(stds)
 
 
@@ -281,15 +340,19 @@ def train_unet(pool: ScenePool, tokenizer, text_encoder: CLIPTextModel, vae, rec
     scale = vae.config.scaling_factor
     text_encoder = text_encoder.to(device).requires_grad_(False).eval()
 
-    def loss_fn(rng, generator):
+    def make_batch(rng):
         index = rng.integers(len(pool), size=recipe.unet_batch)
         texts = ["" if rng.random() < recipe.cfg_dropout else caption(pool.specs[i], rng, recipe.caption_drop) for i in index]
+        return {"index": torch.from_numpy(index), "input_ids": tokenize(tokenizer, texts),
+                "timesteps": torch.from_numpy(rng.integers(noise_scheduler.config.num_train_timesteps, size=len(index)))}
+
+    def loss_fn(batch, generator):
+        index, timesteps = batch["index"], batch["timesteps"]
         with torch.no_grad():
-            context = text_encoder(tokenize(tokenizer, texts).to(device)).last_hidden_state
-        eps = torch.randn(latent_mean[index].shape, generator=torch.Generator().manual_seed(int(rng.integers(2**62))))
-        latents = ((latent_mean[index] + latent_std[index] * eps) * scale).to(device)
+            context = text_encoder(batch["input_ids"]).last_hidden_state
+        mean, std = latent_mean[index], latent_std[index]
+        latents = (mean + std * torch.randn(mean.shape, generator=generator, device=device)) * scale
         noise = torch.randn(latents.shape, generator=generator, device=device)
-        timesteps = torch.from_numpy(rng.integers(noise_scheduler.config.num_train_timesteps, size=len(index))).to(device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         with _autocast(device):
             prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample.float()
@@ -300,27 +363,32 @@ def train_unet(pool: ScenePool, tokenizer, text_encoder: CLIPTextModel, vae, rec
         per_sample = (prediction - noise).square().flatten(1).mean(1)
         return {"loss_noise": (weight * per_sample).mean()}
 
-    history = train_loop("unet", unet, loss_fn, recipe.unet_steps, recipe.unet_lr, recipe, work, device, ema=ema, stop_after=stop_after)
+    history = train_loop("unet", unet, make_batch, loss_fn, recipe.unet_steps, recipe.unet_lr, recipe, work, device, ema=ema, stop_after=stop_after)
     return ema, history
 
 
 def train_judge(recipe: Recipe, work: Path, device, stop_after=None):
-    pool = ScenePool(recipe.seed * 1_000_000 + 500_000, max(recipe.pool_size // 2, 64), two_object_probability=0.0)
+    pool = ScenePool(recipe.seed * 1_000_000 + 500_000, max(recipe.pool_size // 2, 64), two_object_probability=0.0,
+                     cache=work / "judge-pool.npy")
     labels = label_indices([spec.labels() for spec in pool.specs])
     _seed_init(recipe, "judge")
     judge = ToyJudge().to(device)
 
-    def loss_fn(rng, generator):
+    def make_batch(rng):
         index = rng.integers(len(pool), size=recipe.judge_batch)
-        images = pool.pixels(index).to(device)
+        return {"images": pool.pixels(index), "blur": bool(rng.random() < 0.5),
+                **{f"label_{name}": values[index] for name, values in labels.items()}}
+
+    def loss_fn(batch, generator):
+        images = batch["images"]
         # robust to what generated images look like: a little blur and noise
-        if rng.random() < 0.5:
+        if batch["blur"]:
             images = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
         images = images + 0.03 * torch.randn(images.shape, generator=generator, device=device)
         logits = judge(images)
-        return {f"loss_{name}": F.cross_entropy(logits[name], labels[name][index].to(device)) for name in logits}
+        return {f"loss_{name}": F.cross_entropy(logits[name], batch[f"label_{name}"]) for name in logits}
 
-    history = train_loop("judge", judge, loss_fn, recipe.judge_steps, recipe.judge_lr, recipe, work, device, stop_after=stop_after)
+    history = train_loop("judge", judge, make_batch, loss_fn, recipe.judge_steps, recipe.judge_lr, recipe, work, device, stop_after=stop_after)
     return judge, history
 
 
@@ -331,17 +399,30 @@ def _stage_done(work: Path, name: str) -> bool:
     return (work / f"{name}.done").is_dir()
 
 
-def _finish_stage(work: Path, name: str, save: Callable[[Path], None]) -> None:
-    tmp = work / f"{name}.saving"
+def _finish_stage(work: Path, name: str, save: Callable[[Path], None], record: dict) -> None:
+    """Write a stage's models and its record (seconds, last losses, command) as one folder."""
+    tmp = work / f"{name}.saving.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     save(tmp)
+    (tmp / "record.json").write_text(json.dumps(record, indent=1))
     tmp.rename(work / f"{name}.done")
     (work / f"{name}.checkpoint.safetensors").unlink(missing_ok=True)
 
 
+def _write_json_atomic(path: Path, value: dict) -> None:
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(value, indent=1))
+    os.replace(partial, path)
+
+
 def pretrain(out: Path, eval_out: Path, recipe: Recipe = Recipe(), device: str | None = None,
-             command: str = "") -> dict:
-    """Run (or resume) every stage; write `out` (components folder) and `eval_out` at the end."""
+             command: str = "", stages: tuple[str, ...] = STAGES) -> dict | None:
+    """Run (or resume) `stages`; once all four are done, write `out` (components folder) and
+    `eval_out`, and return the run's log (None while stages remain).
+
+    Stages only meet through `<out>.work/`: CLIP, VAE and judge need nothing from each other, so on a
+    machine with a GPU they can run as three processes at once (`--stages clip`, `--stages vae`,
+    `--stages judge`), before the UNet, which needs the first two."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out, eval_out = Path(out), Path(eval_out)
     for target in (out, eval_out):
@@ -349,54 +430,65 @@ def pretrain(out: Path, eval_out: Path, recipe: Recipe = Recipe(), device: str |
             raise FileExistsError(f"{target} exists; move it away to pretrain again.")
     work = out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
-    log_file = work / "log.json"
-    log = json.loads(log_file.read_text()) if log_file.exists() else {"seconds": {}}
-    if log.get("recipe", asdict(recipe)) != asdict(recipe):
+    recipe_file = work / "recipe.json"
+    if recipe_file.exists() and json.loads(recipe_file.read_text()) != asdict(recipe):
         raise ValueError(
-            f"{work} holds an unfinished run with another recipe ({log['recipe']}); resume it with the "
-            "same --profile and --seed, or delete that folder to start over."
+            f"{work} holds an unfinished run with another recipe ({recipe_file.read_text()}); resume it "
+            "with the same --profile and --seed, or delete that folder to start over."
         )
-    log.update(recipe=asdict(recipe), device=str(device), command=command, torch=torch.__version__)
+    _write_json_atomic(recipe_file, asdict(recipe))
 
     tokenizer = toy_tokenizer()
-    started = time.perf_counter()
-    pool = ScenePool(recipe.seed * 1_000_000, recipe.pool_size)
-    log["seconds"]["render_pool"] = round(time.perf_counter() - started, 1)
+    pool_cache = work / "pool.npy"
 
-    def timed(name: str, run: Callable[[], None]) -> None:
-        if _stage_done(work, name):
-            return
-        t0 = time.perf_counter()
-        run()
-        log["seconds"][name] = round(time.perf_counter() - t0, 1)  # of the run that finished the stage
-        log_file.write_text(json.dumps(log, indent=1))
+    @functools.cache
+    def pool() -> ScenePool:  # rendered (or read back) only when a stage that needs it runs
+        rendered_here = not pool_cache.exists()
+        started = time.perf_counter()
+        scenes = ScenePool(recipe.seed * 1_000_000, recipe.pool_size, cache=pool_cache)
+        if rendered_here:
+            _write_json_atomic(work / "pool.json", {"seconds": round(time.perf_counter() - started, 1)})
+        return scenes
 
     def clip_stage():
-        model, history = train_clip(pool, tokenizer, recipe, work, device)
-        log["clip_loss_last"] = history[-1]
-        _finish_stage(work, "clip", lambda d: model.save_pretrained(d))
+        model, history = train_clip(pool(), tokenizer, recipe, work, device)
+        return model.save_pretrained, history
 
     def vae_stage():
-        vae, history = train_vae(pool, recipe, work, device)
-        log["vae_loss_last"] = history[-1]
-        _finish_stage(work, "vae", lambda d: vae.save_pretrained(d))
+        vae, history = train_vae(pool(), recipe, work, device)
+        return vae.save_pretrained, history
 
     def unet_stage():
+        for needed in ("clip", "vae"):
+            if not _stage_done(work, needed):
+                raise RuntimeError(f"the UNet needs the {needed} stage: run it first (--stages {needed}).")
         text_encoder = CLIPTextModel.from_pretrained(work / "clip.done")
         vae = AutoencoderKL.from_pretrained(work / "vae.done").to(device)
-        unet, history = train_unet(pool, tokenizer, text_encoder, vae, recipe, work, device)
-        log["unet_loss_last"] = history[-1]
-        _finish_stage(work, "unet", lambda d: unet.save_pretrained(d))
+        unet, history = train_unet(pool(), tokenizer, text_encoder, vae, recipe, work, device)
+        return unet.save_pretrained, history
 
     def judge_stage():
         judge, history = train_judge(recipe, work, device)
-        log["judge_loss_last"] = history[-1]
-        _finish_stage(work, "judge", lambda d: judge.save_pretrained(d))
+        return judge.save_pretrained, history
 
-    for name, run in (("clip", clip_stage), ("vae", vae_stage), ("unet", unet_stage), ("judge", judge_stage)):
-        timed(name, run)
-    log["seconds"]["total"] = round(sum(v for k, v in log["seconds"].items() if k != "total"), 1)
-    log_file.write_text(json.dumps(log, indent=1))
+    runs = {"clip": clip_stage, "vae": vae_stage, "unet": unet_stage, "judge": judge_stage}
+    for name in STAGES:
+        if name in stages and not _stage_done(work, name):
+            t0 = time.perf_counter()
+            save, history = runs[name]()
+            record = {"seconds": round(time.perf_counter() - t0, 1),  # of the run that finished the stage
+                      "loss_last": history[-1], "device": str(device), "command": command}
+            _finish_stage(work, name, save, record)
+    if not all(_stage_done(work, name) for name in STAGES):
+        return None
+
+    records = {name: json.loads((work / f"{name}.done" / "record.json").read_text()) for name in STAGES}
+    seconds = {"render_pool": json.loads((work / "pool.json").read_text())["seconds"]}
+    seconds.update({name: record["seconds"] for name, record in records.items()})
+    seconds["total"] = round(sum(seconds.values()), 1)
+    log = {"seconds": seconds, "recipe": asdict(recipe), "device": str(device), "torch": torch.__version__,
+           "commands": sorted({record["command"] for record in records.values()} | {command}),
+           **{f"{name}_loss_last": record["loss_last"] for name, record in records.items()}}
     _assemble(work, out, eval_out, tokenizer, log)
     return log
 
@@ -433,13 +525,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help="comma-separated stages to run now (default: all); the folders are written "
+                             "once all four are done")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
+    stages = tuple(args.stages.split(","))
+    if unknown := set(stages) - set(STAGES):
+        parser.error(f"unknown stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = replace(PROFILES[args.profile], seed=args.seed)
-    log = pretrain(args.out, args.eval_out, recipe, args.device, command=" ".join(["elite-toy-pretrain", *(argv or sys.argv[1:])]))
-    print(json.dumps(log["seconds"]))
+    command = " ".join(["elite-toy-pretrain", *(sys.argv[1:] if argv is None else argv)])
+    log = pretrain(args.out, args.eval_out, recipe, args.device, command=command, stages=stages)
+    print(json.dumps(log["seconds"]) if log else f"stages {args.stages} done; run the others to finish.")
 
 
 if __name__ == "__main__":

@@ -209,7 +209,10 @@ class ToyWorldSource:
             image = Image.fromarray(scene.image)
             target, region, phrase = scale_augment(image, self.image_size, self.latent_factor, rng)
             pixels, mask = object_view_for_clip(image, scene.masks[0], self.clip_size, rng)
-            targets.append(target), valid.append(region), object_pixels.append(pixels), object_masks.append(mask)
+            targets.append(target)
+            valid.append(region)
+            object_pixels.append(pixels)
+            object_masks.append(mask)
             prompts.append(with_scale_phrase(toy_prompt_with_placeholder(scene.spec, rng), phrase))
         return {"pixel_values": torch.stack(targets), "valid_mask": torch.stack(valid),
                 "clip_pixels": torch.stack([unit_pixels(Image.fromarray(s.image), self.clip_size) for s in scenes]),

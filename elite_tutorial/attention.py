@@ -32,7 +32,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from .attention_maps import cross_attention_layers
+from .attention_maps import AttentionCapture, attention_probabilities, cross_attention_layers
 
 
 @dataclass
@@ -45,14 +45,14 @@ class LocalTokens:
         authors' code.
     primary_index: (rows,) long, the position of w0 among each of those rows' prompt tokens.
     scale: λ; 1 in training, 0.8 by default at inference. 0 leaves the text branch's result exactly.
-    gates: a dict to record the gates in ({layer: [(rows, pixels) gate, head mean, per call]}), or None.
+    capture: an `AttentionCapture` that records the gate (rows, heads, pixels) per layer, or None.
     """
 
     tokens: torch.Tensor
     rows: torch.Tensor
     primary_index: torch.Tensor
     scale: float = 0.8
-    gates: dict | None = None
+    capture: AttentionCapture | None = None
 
     def __post_init__(self):
         if not (len(self.tokens) == len(self.rows) == len(self.primary_index)):
@@ -68,11 +68,11 @@ class ELITEAttnProcessor:
     `F.scaled_dot_product_attention`), with `attn.to_k`/`attn.to_v` swapped for the copies.
     """
 
-    def __init__(self, layer: str, to_k: nn.Linear, to_v: nn.Linear, replaced, capture: dict | None = None,
+    def __init__(self, layer: str, to_k: nn.Linear, to_v: nn.Linear, replaced, capture: AttentionCapture | None = None,
                  local_kv: tuple[nn.Linear, nn.Linear] | None = None):
         self.layer, self.to_k, self.to_v = layer, to_k, to_v
         self.replaced = replaced  # the processor this one stands in for; restored on removal
-        self.capture = capture    # if a dict: {layer: [head-mean probabilities per call]}, explicit path
+        self.capture = capture    # an AttentionCapture: the explicit path, which hands it the probabilities
         self.local_kv = local_kv  # (to_k_local, to_v_local) of a LocalMapper, or None
         self.local: LocalTokens | None = None
 
@@ -97,8 +97,8 @@ class ELITEAttnProcessor:
         if self.capture is None:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
         else:  # the same maths, with the probabilities in hand: (batch, heads, pixels, tokens)
-            probs = _probabilities(query, key, attn.scale, attention_mask)
-            self.capture.setdefault(self.layer, []).append(probs.detach().mean(1).float().cpu())
+            probs = attention_probabilities(query, key, attn.scale, attention_mask)
+            self.capture.record(self.layer, probs)
             out = probs @ value
         if self.local is not None and self.local.scale != 0:
             out = out.index_add(0, self.local.rows.to(out.device), self._local_term(attn, query, key, attention_mask, heads))
@@ -113,12 +113,12 @@ class ELITEAttnProcessor:
         rows = local.rows.to(query.device)
         query = query[rows]
         # the gate: w0's probability at each pixel (per head) in the text branch, over its maximum per sample
-        probs = _probabilities(query, key[rows], attn.scale, None if attention_mask is None else attention_mask[rows])
+        probs = attention_probabilities(query, key[rows], attn.scale, None if attention_mask is None else attention_mask[rows])
         index = local.primary_index.to(query.device).view(-1, 1, 1, 1).expand(-1, *probs.shape[1:3], 1)
         gate = probs.gather(-1, index)  # (rows, heads, pixels, 1)
         gate = gate / gate.amax(dim=(1, 2, 3), keepdim=True)
-        if local.gates is not None:
-            local.gates.setdefault(self.layer, []).append(gate.detach().mean(1)[..., 0].float().cpu())
+        if local.capture is not None:
+            local.capture.record_gate(self.layer, gate[..., 0])
         to_k_local, to_v_local = self.local_kv
         tokens = local.tokens.to(query.device)
         attended = F.scaled_dot_product_attention(query, heads(_project(to_k_local, tokens, query.dtype)),
@@ -133,12 +133,6 @@ def _project(linear: nn.Linear, context: torch.Tensor, dtype: torch.dtype) -> to
     return linear(context.to(linear.weight.dtype)).to(dtype)
 
 
-def _probabilities(query, key, scale: float, attention_mask) -> torch.Tensor:
-    """softmax(q k^T * scale + mask): (n, heads, pixels, tokens)."""
-    scores = query @ key.transpose(-1, -2) * scale
-    return (scores + (attention_mask if attention_mask is not None else 0)).softmax(dim=-1)
-
-
 def _check_supported(unet: UNet2DConditionModel, layer: str) -> None:
     """Stable Diffusion's attn2 layers have none of these options; refuse a UNet that does."""
     attn = unet.get_submodule(layer.removesuffix(".processor"))
@@ -150,11 +144,11 @@ def _check_supported(unet: UNet2DConditionModel, layer: str) -> None:
         raise ValueError(f"{layer}: ELITE's processor supports Stable Diffusion's cross-attention; this layer uses {unsupported}.")
 
 
-def install_elite_attention(unet: UNet2DConditionModel, mapper, capture: dict | None = None,
+def install_elite_attention(unet: UNet2DConditionModel, mapper, capture: AttentionCapture | None = None,
                             local_mapper=None) -> None:
     """Give every `attn2` layer an `ELITEAttnProcessor` with the mapper's k/v copies (idempotent).
-    With `capture` (a dict), each layer appends its head-averaged attention probabilities
-    (batch, pixels, tokens) to `capture[processor name]` on every call. With `local_mapper`, the
+    With `capture`, each layer hands it its attention probabilities on every call (see
+    `attention_maps.capture_cross_attention`, the usual way to capture). With `local_mapper`, the
     processors carry its local k/v copies; the local branch runs while `set_local_tokens` has given
     them tokens."""
     processors = unet.attn_processors
@@ -185,7 +179,7 @@ def remove_elite_attention(unet: UNet2DConditionModel) -> None:
 
 
 @contextmanager
-def elite_attention(unet: UNet2DConditionModel, mapper, capture: dict | None = None, local_mapper=None,
+def elite_attention(unet: UNet2DConditionModel, mapper, capture: AttentionCapture | None = None, local_mapper=None,
                     local: LocalTokens | None = None) -> Iterator[UNet2DConditionModel]:
     """ELITE's processors inside the block; the UNet's previous processors, exactly, after it.
     `capture`, `local_mapper`: see `install_elite_attention`; `local`: see `set_local_tokens`."""

@@ -6,9 +6,9 @@
     accelerate launch -m elite_tutorial.cli global --preset sd14 --profile sd14 \\
         --data /data/openimages --mixed-precision bf16 --out runs/global-sd14
 
-`--data toy` (the default) streams toy-world scenes; for stage 1 a folder is read as OpenImages in
-the authors' layout (`data.OpenImagesSource`). Stage 2 reads the toy world (OpenImages with
-segmentation masks is not read yet).
+`--data toy` (the default) streams toy-world scenes; a folder is read as OpenImages in the authors'
+layout: object boxes for stage 1 (`data.OpenImagesSource`), objects with segmentation masks for
+stage 2 (`data.OpenImagesMaskSource`).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .components import load_components
-from .data import OpenImagesSource, ToyWorldSource
+from .data import OpenImagesMaskSource, OpenImagesSource, ToyWorldSource
 from .mappers import GlobalMapper
 from .training import LOCAL_PROFILES, PROFILES, recipe_with, train_global, train_local
 
@@ -31,7 +31,7 @@ def _source(data: str, components, stage: str):
     if data == "toy":
         return ToyWorldSource(clip_size=clip_size, image_size=resolution, latent_factor=latent_factor)
     if stage == "local":
-        raise SystemExit("elite-train local: only --data toy is read so far (OpenImages with segmentation masks is not).")
+        return OpenImagesMaskSource(Path(data), resolution=resolution, clip_size=clip_size, latent_factor=latent_factor)
     return OpenImagesSource(Path(data), resolution=resolution, clip_size=clip_size)
 
 

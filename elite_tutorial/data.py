@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -155,11 +156,12 @@ class TrainingSource(Protocol):
         """A few fixed images to show what the mapper makes of them during training."""
 
 
-class LocalTrainingSource(TrainingSource, Protocol):
-    """A source of stage-2 samples as well (see `training.local_step_losses` for the batch)."""
+class LocalTrainingSource(Protocol):
+    """Where stage-2 samples come from (see `training.local_step_losses` for the batch)."""
 
-    def local_batch(self, rng: np.random.Generator, size: int) -> dict:
-        """`pixel_values`, `valid_mask`, `clip_pixels`, `object_pixels`, `object_mask`, `prompts`."""
+    def local_batch(self, rng: np.random.Generator, size: int, scale_augmentation: bool = True) -> dict:
+        """`pixel_values`, `valid_mask`, `clip_pixels`, `object_pixels`, `object_mask`, `prompts`;
+        targets scale-augmented (`scale_augment`) unless `scale_augmentation` is False."""
 
     def validation_concepts(self) -> list[tuple[Image.Image, np.ndarray]]:
         """A few fixed (image, mask) pairs to show what the mappers make of them during training."""
@@ -197,7 +199,7 @@ class ToyWorldSource:
                 "clip_pixels": torch.stack([augment_for_clip(i, self.clip_size, rng) for i in images]),
                 "prompts": [toy_prompt_with_placeholder(s.spec, rng) for s in scenes]}
 
-    def local_batch(self, rng: np.random.Generator, size: int) -> dict:
+    def local_batch(self, rng: np.random.Generator, size: int, scale_augmentation: bool = True) -> dict:
         """A stage-2 batch (see `train_local`): the scene scale-augmented as the UNet's target, with
         its valid-region mask; the whole scene for the global words; the object alone for the local
         tokens, with its mask; captions with the scale phrase."""
@@ -207,7 +209,7 @@ class ToyWorldSource:
         targets, valid, object_pixels, object_masks, prompts = [], [], [], [], []
         for scene in scenes:
             image = Image.fromarray(scene.image)
-            target, region, phrase = scale_augment(image, self.image_size, self.latent_factor, rng)
+            target, region, phrase = scale_augment(image, self.image_size, self.latent_factor, rng, scale_augmentation)
             pixels, mask = object_view_for_clip(image, scene.masks[0], self.clip_size, rng)
             targets.append(target)
             valid.append(region)
@@ -232,7 +234,7 @@ class ToyWorldSource:
 # --------------------------------------------------------------------------------------------------
 # Training samples for the local mapper (stage 2).
 
-def scale_augment(image: Image.Image, size: int, latent_factor: int, rng: np.random.Generator
+def scale_augment(image: Image.Image, size: int, latent_factor: int, rng: np.random.Generator, enabled: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """The authors' stage-2 scale augmentation (borrowed from Custom Diffusion) of the UNet's target.
 
@@ -242,8 +244,11 @@ def scale_augment(image: Image.Image, size: int, latent_factor: int, rng: np.ran
     "close up"). Returns the target (3, size, size) in [-1, 1], the valid-region mask
     (1, size / latent_factor, size / latent_factor) that weights the loss (the pasted region, one
     latent pixel inset; all ones otherwise), and the phrase for the caption ("a" when unchanged).
+    `enabled=False` leaves every image unchanged (and draws nothing from `rng`).
     """
-    if rng.integers(0, 3) < 2:
+    if not enabled:
+        scale = size
+    elif rng.integers(0, 3) < 2:
         scale = int(rng.integers(size // 3, size + 1))
     else:
         scale = int(rng.integers(int(1.2 * size), int(1.4 * size)))
@@ -306,6 +311,19 @@ def object_view_for_clip(image: Image.Image, mask: np.ndarray, size: int, rng: n
             torch.from_numpy(np.asarray(object_mask) > 127))
 
 
+def _draw(rng: np.random.Generator, count: int, size: int, read: Callable[[int], Any], failure: Callable[[], str]) -> list:
+    """`size` items `read(index)` at random indices; None means unusable and is passed over. At most
+    100 tries per item, then ValueError(failure())."""
+    found = []
+    for _ in range(100 * size):
+        item = read(int(rng.integers(count)))
+        if item is not None:
+            found.append(item)
+            if len(found) == size:
+                return found
+    raise ValueError(failure())
+
+
 class OpenImagesSource:
     """Object boxes of OpenImages in the authors' folder layout (stage 1 reads boxes only):
 
@@ -349,16 +367,9 @@ class OpenImagesSource:
                            min(w, int(x1 * w) + 10), min(h, int(y1 * h) + 10)))
 
     def batch(self, rng: np.random.Generator, size: int) -> dict:
-        crops = []
-        for _ in range(100 * size):
-            crop = self.crop(int(rng.integers(len(self.boxes))))
-            if crop is not None:
-                crops.append(crop)
-            if len(crops) == size:
-                break
-        else:
-            raise ValueError(f"Could not read {size} images from {self.root} in {100 * size} attempts "
-                             f"({self.skipped} unreadable so far).")
+        crops = _draw(rng, len(self.boxes), size, self.crop,
+                      lambda: f"Could not read {size} images from {self.root} in {100 * size} attempts "
+                              f"({self.skipped} unreadable so far).")
         return {"pixel_values": torch.stack([_to_unit_range(c, self.resolution) for c in crops]),
                 "clip_pixels": torch.stack([augment_for_clip(c, self.clip_size, rng) for c in crops]),
                 "prompts": [IMAGENET_TEMPLATES[rng.integers(len(IMAGENET_TEMPLATES))].format("S") for _ in crops]}
@@ -366,3 +377,79 @@ class OpenImagesSource:
     def validation_images(self) -> list[Image.Image]:
         crops = (self.crop(i) for i in range(min(len(self.boxes), 16)))
         return [c for c in crops if c is not None][:4]
+
+
+class OpenImagesMaskSource:
+    """Stage-2 samples from OpenImages objects with segmentation masks, in the authors' layout:
+
+        <root>/annotations/<split>-annotations-object-segmentation.csv
+        <root>/masks/<split>/<MaskPath>              (white = object; any size, resized to the image)
+        <root>/images/<split>/<ImageID>.jpg
+
+    Kept as the authors keep them: boxes covering 2 %..80 % of the image, at least 100 px a side, with
+    an aspect ratio within 1:2..2:1. A sample is the box padded by 10 px: the UNet's target is that crop
+    scale-augmented (`scale_augment`, with its valid region and caption phrase); the global words read
+    the crop; the local mapper reads the object alone (`object_view_for_clip` of the crop and its mask).
+    Unreadable images or masks are skipped and counted (`skipped`).
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str = "test", resolution: int = 512, clip_size: int = 224,
+                 latent_factor: int = 8):
+        self.root, self.split = Path(root), split
+        self.resolution, self.clip_size, self.latent_factor = resolution, clip_size, latent_factor
+        table = self.root / "annotations" / f"{split}-annotations-object-segmentation.csv"
+        if not table.is_file():
+            raise FileNotFoundError(f"No segmentation table at {table}; expected the OpenImages layout described "
+                                    "in `OpenImagesMaskSource`'s docstring.")
+        with open(table, newline="") as f:
+            rows = list(csv.DictReader(f))
+        self.objects = [row for row in rows if self._kept(row)]
+        if not self.objects:
+            raise ValueError(f"{table} has no object that stage 2 keeps (2 %..80 % of the image, ≥ 100 px a side, "
+                             "aspect ratio 1:2..2:1).")
+        self.skipped = 0
+
+    def _kept(self, row: dict) -> bool:
+        x0, x1, y0, y1 = (float(row[k]) for k in ("BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax"))
+        return 0.02 < (x1 - x0) * (y1 - y0) < 0.8  # the pixel-size filters need the image: see `sample`
+
+    def sample(self, index: int) -> tuple[Image.Image, np.ndarray] | None:
+        """Object `index`: its padded box crop and the crop of its mask, or None if unreadable, too small,
+        or its mask misses the box."""
+        row = self.objects[index]
+        try:
+            image = load_image(self.root / "images" / self.split / f"{row['ImageID']}.jpg")
+            mask = load_mask(self.root / "masks" / self.split / row["MaskPath"], size=image.size)
+        except (OSError, ValueError):
+            self.skipped += 1
+            return None
+        w, h = image.size
+        x0, x1 = round(float(row["BoxXMin"]) * w), round(float(row["BoxXMax"]) * w)
+        y0, y1 = round(float(row["BoxYMin"]) * h), round(float(row["BoxYMax"]) * h)
+        if min(x1 - x0, y1 - y0) < 100 or not 0.5 <= (x1 - x0) / max(y1 - y0, 1) <= 2:
+            return None
+        box = (max(0, x0 - 10), max(0, y0 - 10), min(w, x1 + 10), min(h, y1 + 10))
+        mask = mask[box[1]:box[3], box[0]:box[2]]
+        return (image.crop(box), mask) if mask.any() else None
+
+    def local_batch(self, rng: np.random.Generator, size: int, scale_augmentation: bool = True) -> dict:
+        samples = _draw(rng, len(self.objects), size, self.sample,
+                        lambda: f"Found fewer than {size} usable objects in {self.root} in {100 * size} attempts "
+                                f"({self.skipped} unreadable so far; boxes under 100 px are passed over).")
+        targets, valid, object_pixels, object_masks, prompts = [], [], [], [], []
+        for crop, mask in samples:
+            target, region, phrase = scale_augment(crop, self.resolution, self.latent_factor, rng, scale_augmentation)
+            pixels, object_mask = object_view_for_clip(crop, mask, self.clip_size, rng)
+            targets.append(target)
+            valid.append(region)
+            object_pixels.append(pixels)
+            object_masks.append(object_mask)
+            prompts.append(with_scale_phrase(IMAGENET_TEMPLATES[rng.integers(len(IMAGENET_TEMPLATES))].format("S"), phrase))
+        return {"pixel_values": torch.stack(targets), "valid_mask": torch.stack(valid),
+                "clip_pixels": torch.stack([unit_pixels(crop, self.clip_size) for crop, _ in samples]),
+                "object_pixels": torch.stack(object_pixels), "object_mask": torch.stack(object_masks),
+                "prompts": prompts}
+
+    def validation_concepts(self) -> list[tuple[Image.Image, np.ndarray]]:
+        found = (self.sample(i) for i in range(min(len(self.objects), 32)))
+        return [s for s in found if s is not None][:4]

@@ -11,6 +11,7 @@
   (at least 2 of its 3 attributes).
 
     python -m elite_tutorial.evaluation --mapper assets/toy-global-mapper
+    python -m elite_tutorial.evaluation --local-mapper assets/toy-local-mapper --local-scale 0.8
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from .components import ASSETS_DIR, load_components
-from .mappers import GlobalMapper
+from .mappers import GlobalMapper, LocalMapper
 from .pipeline import ELITEPipeline
 from .toyworld.concepts import CONCEPTS, PersonalConcept, concept_views
 from .toyworld.judge import ToyJudge
@@ -55,17 +56,19 @@ def _images(output) -> np.ndarray:
 
 @torch.no_grad()
 def fidelity_and_editability(pipe: ELITEPipeline, judge: ToyJudge, concepts=CONCEPTS, samples: int = 4,
-                             seed: int = 0) -> dict:
+                             seed: int = 0, local_scale: float = 0.8) -> dict:
     """ELITE (w0) fidelity and editability vs the class-word baseline, over `concepts` (see module doc).
 
-    Each prompt is generated for all concepts in one batched call (`samples` images per concept).
+    Each concept is encoded from its first view and that view's mask (the mask only feeds a local
+    mapper, when the pipeline has one, at λ = `local_scale`). Each prompt is generated for all
+    concepts in one batched call (`samples` images per concept).
     """
     plain = pipe.components.text_to_image_pipeline()
     for p in (plain, pipe.sd_pipeline):
         p.set_progress_bar_config(disable=True)
     steps, guidance = pipe.defaults.num_inference_steps, pipe.defaults.guidance_scale
     identities = [concept_identity(judge, c) for c in concepts]
-    encoded = [pipe.encode(concept_views(c)[0][0]) for c in concepts]
+    encoded = [pipe.encode(*concept_views(c)[0]) for c in concepts]
 
     def per_concept(predictions: dict[str, list[str]]) -> list[dict[str, list[str]]]:
         """Split batched predictions (concept-major, `samples` each) by concept."""
@@ -73,7 +76,7 @@ def fidelity_and_editability(pipe: ELITEPipeline, judge: ToyJudge, concepts=CONC
 
     def elite(prompt: str) -> list[dict[str, list[str]]]:
         out = pipe([prompt] * len(concepts), encoded, generator=torch.Generator().manual_seed(seed),
-                   num_images_per_prompt=samples, output_type="np")
+                   num_images_per_prompt=samples, output_type="np", local_scale=local_scale)
         return per_concept(judge.predict(_images(out)))
 
     baseline = per_concept(judge.predict(_images(plain(
@@ -98,17 +101,17 @@ def fidelity_and_editability(pipe: ELITEPipeline, judge: ToyJudge, concepts=CONC
     summary["editability"] = round(float(np.mean([summary[f"edit_{a}"] for a in EDITS])), 3)
     summary["fidelity_gain_over_baseline"] = round(summary["fidelity"] - summary["baseline_fidelity"], 3)
     return {"summary": summary, "concepts": rows, "samples_per_prompt": samples, "steps": steps,
-            "guidance_scale": guidance}
+            "guidance_scale": guidance, "local_scale": local_scale if pipe.local_mapper is not None else None}
 
 
 def encode_milliseconds(pipe: ELITEPipeline, repeats: int = 20) -> float:
-    """Median wall time of `encode` on one concept view (after one warm-up call)."""
-    image = concept_views(CONCEPTS[0])[0][0]
-    pipe.encode(image)
+    """Median wall time of `encode` on one concept view and its mask (after one warm-up call)."""
+    image, mask = concept_views(CONCEPTS[0])[0]
+    pipe.encode(image, mask)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        pipe.encode(image)
+        pipe.encode(image, mask)
         times.append(time.perf_counter() - start)
     return round(1000 * float(np.median(times)), 1)
 
@@ -116,13 +119,16 @@ def encode_milliseconds(pipe: ELITEPipeline, repeats: int = 20) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="ELITE's global-mapper figures on the toy world (JSON).")
     parser.add_argument("--mapper", type=Path, default=ASSETS_DIR / "toy-global-mapper")
+    parser.add_argument("--local-mapper", type=Path, help="also run ELITE's local branch with this LocalMapper")
+    parser.add_argument("--local-scale", type=float, default=0.8, help="λ of the local branch")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     components = load_components("toy", device="cpu")
-    pipe = ELITEPipeline(components, GlobalMapper.from_pretrained(args.mapper))
+    local_mapper = LocalMapper.from_pretrained(args.local_mapper) if args.local_mapper else None
+    pipe = ELITEPipeline(components, GlobalMapper.from_pretrained(args.mapper), local_mapper)
     judge = ToyJudge.from_pretrained(JUDGE_FOLDER).eval()
-    report = fidelity_and_editability(pipe, judge, samples=args.samples, seed=args.seed)
+    report = fidelity_and_editability(pipe, judge, samples=args.samples, seed=args.seed, local_scale=args.local_scale)
     report["encode_ms_cpu"] = encode_milliseconds(pipe)
     print(json.dumps(report, indent=1))
 

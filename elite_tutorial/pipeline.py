@@ -28,6 +28,7 @@ from diffusers import LMSDiscreteScheduler
 from PIL import Image
 
 from .attention import LocalTokens, elite_attention
+from .attention_maps import AttentionCapture
 from .components import Components
 from .data import ImageLike, clip_pixels, load_image, load_mask
 from .mappers import GlobalMapper, LocalMapper, clip_feature_levels, mask_local_tokens
@@ -88,6 +89,7 @@ class ELITEPipeline:
         full_size = components.unet.config.sample_size >= 64  # 512 px images
         self.defaults = FULL_SIZE_DEFAULTS if full_size else TOY_DEFAULTS
         self.sd_pipeline = components.text_to_image_pipeline()
+        self.attention_capture: AttentionCapture | None = None  # set by `capture_cross_attention(pipe)`
         if self.defaults.authors_scheduler:
             self.sd_pipeline.scheduler = LMSDiscreteScheduler.from_config(components.scheduler.config)
 
@@ -151,18 +153,14 @@ class ELITEPipeline:
         guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
         placeholder: str = DEFAULT_PLACEHOLDER,
-        capture_attention: dict | None = None,
         local_scale: float = 0.8,
-        capture_gates: dict | None = None,
         **kwargs,
     ):
         """Generate images of `concept` in `prompt` (which contains the placeholder `S` once).
 
-        `capture_attention`: a dict that receives every cross-attention layer's head-averaged
-        probabilities per UNet call, (2 * batch, pixels, 77): the unconditional half first.
         `local_scale`: λ of the local branch (with a `LocalMapper`; 0 = global only).
-        `capture_gates`: a dict that receives the local branch's gate (w0's normalised map) per
-        layer and UNet call, (batch, pixels).
+        Cross-attention maps and the local gate are recorded with
+        `attention_maps.capture_cross_attention(pipe)` around the call.
 
         Other keyword arguments go to `StableDiffusionPipeline.__call__` (`num_images_per_prompt`,
         `output_type`, `height`, `width`, `latents`, ...). Returns its output (`.images`).
@@ -170,8 +168,8 @@ class ELITEPipeline:
         prompt_embeds = self.prompt_embeddings(prompt, concept, token_index, placeholder)
         guidance_scale = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
         local = self._local_tokens(prompt, concept, placeholder, local_scale, guidance_scale > 1,
-                                   kwargs.get("num_images_per_prompt") or 1, capture_gates)
-        with elite_attention(self.components.unet, self.global_mapper, capture=capture_attention,
+                                   kwargs.get("num_images_per_prompt") or 1)
+        with elite_attention(self.components.unet, self.global_mapper, capture=self.attention_capture,
                              local_mapper=self.local_mapper if local is not None else None, local=local):
             return self.sd_pipeline(
                 prompt_embeds=prompt_embeds,
@@ -181,8 +179,8 @@ class ELITEPipeline:
                 **kwargs,
             )
 
-    def _local_tokens(self, prompt, concept, placeholder: str, scale: float, guided: bool, per_prompt: int,
-                      gates: dict | None) -> LocalTokens | None:
+    def _local_tokens(self, prompt, concept, placeholder: str, scale: float, guided: bool,
+                      per_prompt: int) -> LocalTokens | None:
         """The local branch's input for diffusers' batch: with guidance, [unconditional; conditional]
         rows, each prompt's rows repeated `per_prompt` times; only the conditional rows get tokens."""
         if self.local_mapper is None:
@@ -194,4 +192,4 @@ class ELITEPipeline:
         _, start = tokenize_with_placeholder(self.components.tokenizer, prompts, 1, placeholder)
         tokens = torch.stack([c.local_tokens for c in concepts]).repeat_interleave(per_prompt, dim=0)
         rows = torch.arange(len(tokens)) + (len(tokens) if guided else 0)
-        return LocalTokens(tokens, rows, start.repeat_interleave(per_prompt), scale, gates)
+        return LocalTokens(tokens, rows, start.repeat_interleave(per_prompt), scale, self.attention_capture)

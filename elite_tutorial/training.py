@@ -95,13 +95,16 @@ class LocalRecipe(_Recipe):
 
     reg_weight: float = 1e-4        # weight of mean |local values|, averaged over the layers
     local_scale: float = 1.0        # λ while training (the authors': 1)
+    scale_augmentation: bool = True # the authors' zoom in / far away targets (`data.scale_augment`)
 
 
 LOCAL_PROFILES = {
     # the authors' recipe: batch 2 x accumulation 4 (x 4 GPUs), lr 1e-5 scaled; the released mapper ran 65k steps
     "sd14": LocalRecipe(steps=65_000, batch_size=2, gradient_accumulation=4, learning_rate=1e-5),
+    # no scale augmentation: the toy UNet never saw zoomed or shrunk scenes and has no words for them,
+    # so with it the local branch learns to make up for that instead of adding the object's detail
     "toy": LocalRecipe(steps=1000, batch_size=16, gradient_accumulation=1, learning_rate=5e-5,
-                       checkpoint_every=250, validate_every=500),
+                       checkpoint_every=250, validate_every=500, scale_augmentation=False),
     "smoke": LocalRecipe(steps=4, batch_size=2, gradient_accumulation=2, learning_rate=1e-4,
                          checkpoint_every=2, keep_checkpoints=2, validate_every=2),
 }
@@ -374,7 +377,8 @@ def train_local(
     mapper = _fresh_mapper(LocalMapper, components, recipe.seed)
     noise_scheduler = DDPMScheduler.from_config(components.scheduler.config)
     return _train(
-        "local", components, source.local_batch, Path(out), recipe, mapper,
+        "local", components, lambda rng, size: source.local_batch(rng, size, recipe.scale_augmentation), Path(out),
+        recipe, mapper,
         step_losses=lambda m, batch, generator: local_step_losses(components, global_mapper, m, batch, recipe,
                                                                  noise_scheduler, generator),
         attention=lambda m: elite_attention(components.unet, global_mapper, local_mapper=m),

@@ -3,7 +3,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from elite_tutorial.attention import ELITEAttnProcessor, elite_attention, install_elite_attention, remove_elite_attention
-from elite_tutorial.attention_maps import cross_attention_layers
+from elite_tutorial.attention_maps import AttentionCapture, cross_attention_layers
 from elite_tutorial.mappers import GlobalMapper
 
 
@@ -91,11 +91,12 @@ def test_capture_records_the_probabilities_without_changing_the_output(tiny):
             mapper.to_k_global[layer].weight.mul_(1.5)  # copies that differ from the UNet's own
     with elite_attention(unet, mapper):
         fused = unet_output(unet)
-    maps = {}
-    with elite_attention(unet, mapper, capture=maps):
+    capture = AttentionCapture()
+    with elite_attention(unet, mapper, capture=capture):
         explicit = unet_output(unet)
     torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-5)
-    assert sorted(maps) == sorted(cross_attention_layers(unet))
-    for layer, calls in maps.items():
-        assert len(calls) == 1 and calls[0].shape[0] == 1 and calls[0].shape[-1] == 77
-        torch.testing.assert_close(calls[0].sum(-1), torch.ones(calls[0].shape[:2]))  # rows are distributions
+    assert sorted(capture.layers) == sorted(cross_attention_layers(unet))
+    for layer in capture.layers:
+        probs = capture.probabilities(layer)  # (rows, heads, pixels, tokens)
+        assert capture.calls[layer] == 1 and probs.shape[0] == 1 and probs.shape[-1] == 77
+        torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))  # rows are distributions

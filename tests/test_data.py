@@ -8,6 +8,7 @@ from PIL import Image
 
 from elite_tutorial.components import ASSETS_DIR
 from elite_tutorial.data import (
+    OpenImagesMaskSource,
     OpenImagesSource,
     ToyWorldSource,
     augment_for_clip,
@@ -116,3 +117,47 @@ def test_openimages_boxes_are_filtered_and_unreadable_images_skipped_and_counted
     assert source.crop(0).size == (58, 58)  # x 8..48, y 12..54, padded by 10 px, clipped to the image
     with pytest.raises(FileNotFoundError, match="box table"):
         OpenImagesSource(tmp_path)
+
+
+def make_openimages_mask_folder(root, objects=4):
+    """OpenImages with segmentation masks, as stage 2 reads it: a table, images, masks of another size,
+    a box too small for stage 2, one unreadable mask."""
+    for folder in ("annotations", "images/test", "masks/test"):
+        (root / folder).mkdir(parents=True)
+    rows = []
+    for i in range(objects):
+        pixels = np.full((240, 300, 3), (90, 140, 60), np.uint8)
+        pixels[60:200, 80:220] = (200, 40 * i, 40)
+        Image.fromarray(pixels).save(root / "images" / "test" / f"img{i}.jpg")
+        mask = np.zeros((120, 150), np.uint8)  # half the image's size: resized to it
+        mask[30:100, 40:110] = 255
+        Image.fromarray(mask).save(root / "masks" / "test" / f"img{i}_m.png")
+        rows.append({"MaskPath": f"img{i}_m.png", "ImageID": f"img{i}", "BoxXMin": 80 / 300, "BoxXMax": 220 / 300,
+                     "BoxYMin": 60 / 240, "BoxYMax": 200 / 240})
+    rows.append({"MaskPath": "img0_m.png", "ImageID": "img0", "BoxXMin": 0.1, "BoxXMax": 0.35,
+                 "BoxYMin": 0.1, "BoxYMax": 0.5})  # 75 px wide: passed over
+    rows.append({"MaskPath": "broken.png", "ImageID": "img1", "BoxXMin": 0.2, "BoxXMax": 0.8, "BoxYMin": 0.2, "BoxYMax": 0.8})
+    (root / "masks" / "test" / "broken.png").write_bytes(b"not a png")
+    with open(root / "annotations" / "test-annotations-object-segmentation.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def test_openimages_masks_give_stage_two_samples(tmp_path):
+    source = OpenImagesMaskSource(make_openimages_mask_folder(tmp_path / "oi"), resolution=32, clip_size=32, latent_factor=4)
+    crop, mask = source.sample(0)
+    assert crop.size == (160, 160) and mask.shape == (160, 160)  # the box padded by 10 px
+    assert mask[10:150, 10:150].all() and not mask[:10].any()  # the mask, resized to the image, then cropped
+    assert source.sample(4) is None  # under 100 px a side
+    batch = None
+    for seed in range(3):
+        batch = source.local_batch(np.random.default_rng(seed), 3)
+    assert batch["pixel_values"].shape == (3, 3, 32, 32) and batch["valid_mask"].shape == (3, 1, 8, 8)
+    assert batch["object_pixels"].shape == (3, 3, 32, 32) and batch["object_mask"].shape == (3, 32, 32)
+    assert all(batch["object_pixels"][i][:, ~batch["object_mask"][i]].mean() < 0.05 for i in range(3))  # black around
+    assert all("S" in p.split() for p in batch["prompts"])
+    assert source.skipped > 0  # the unreadable mask
+    with pytest.raises(FileNotFoundError, match="segmentation table"):
+        OpenImagesMaskSource(tmp_path)

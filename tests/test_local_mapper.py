@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from elite_tutorial.attention import LocalTokens, elite_attention, set_local_tokens
+from elite_tutorial.attention_maps import AttentionCapture, capture_cross_attention
 from elite_tutorial.mappers import GlobalMapper, LocalMapper, clip_feature_levels, mask_local_tokens
 from test_global_mapper import AuthorsMapper, authors_checkpoint
 
@@ -142,17 +143,18 @@ def test_gate_is_normalised_per_sample_so_batching_changes_nothing(tiny, mappers
     latents, t, context = torch.randn(2, 4, 16, 16), torch.tensor([300, 700]), torch.randn(2, 77, 32)
     context[1] *= 3  # very different attention maps, so one max over the batch would differ
     index = torch.tensor([5, 2])
-    gates = {}
+    capture = AttentionCapture()
     with torch.no_grad(), elite_attention(tiny.unet, ours_global, local_mapper=ours_local) as unet:
-        set_local_tokens(unet, LocalTokens(tokens, torch.tensor([0, 1]), index, 0.8, gates=gates))
+        set_local_tokens(unet, LocalTokens(tokens, torch.tensor([0, 1]), index, 0.8, capture=capture))
         batched = unet(latents, t, encoder_hidden_states=context).sample
         for i in range(2):
             set_local_tokens(unet, LocalTokens(tokens[i:i + 1], torch.tensor([0]), index[i:i + 1], 0.8))
             alone = unet(latents[i:i + 1], t[i:i + 1], encoder_hidden_states=context[i:i + 1]).sample
             torch.testing.assert_close(batched[i:i + 1], alone, rtol=1e-5, atol=1e-5)
-    assert len(gates) == 4 and all(len(calls) == 1 for calls in gates.values())
-    gate = next(iter(gates.values()))[0]
-    assert gate.shape == (2, 16 * 16) and 0 <= gate.min() and gate.max() <= 1
+    assert len(capture.gate_sums) == 4
+    gate = capture.gate(next(iter(capture.gate_sums)))  # (rows, heads, pixels)
+    assert gate.shape[0] == 2 and gate.shape[2] == 16 * 16 and 0 <= gate.min()
+    torch.testing.assert_close(gate.amax(dim=(1, 2)), torch.ones(2))  # each sample's own maximum is 1
 
 
 def test_mask_is_resized_to_the_patch_grid_by_nearest_neighbour():
@@ -227,10 +229,13 @@ def test_pipeline_local_scale_zero_is_global_only_and_guidance_rows_are_right(ti
 
     plain = run(global_only)
     assert np.array_equal(run(local_pipe, local_scale=0.0), plain)
-    gates = {}
-    with_local = run(local_pipe, capture_gates=gates)
+    with capture_cross_attention(local_pipe) as capture:
+        with_local = run(local_pipe)
     assert with_local.shape == plain.shape and np.abs(with_local - plain).max() > 1e-4
-    gate = next(iter(gates.values()))[0]
-    assert gate.shape[0] == 4  # 2 prompts x 2 images: the conditional rows only
+    assert capture.guided and capture.num_steps == len(local_pipe.sd_pipeline.scheduler.timesteps)
+    layer = capture.layers[0]
+    assert capture.gate(layer).shape[0] == 4  # 2 prompts x 2 images: the conditional rows only
+    assert capture.probabilities(layer).shape[0] == 8  # [unconditional; conditional] rows
+    assert local_pipe.attention_capture is None
     with pytest.raises(ValueError, match="no local tokens"):
         local_pipe("a photo of a S", global_only.encode(image), num_inference_steps=1, output_type="np", height=32, width=32)

@@ -39,6 +39,10 @@ def test_scale_augmentation_marks_the_real_pixels_and_says_so_in_the_caption():
     assert with_scale_phrase("the photo of a S", "a far away") == "a far away photo of a S"  # not "a far awayhe"
     assert with_scale_phrase("S on the left", "very small") == "very small S on the left"
     assert with_scale_phrase("a photo of a S", "a") == "a photo of a S"
+    rng = np.random.default_rng(0)
+    pixels, valid, phrase = scale_augment(image, 64, 8, rng, enabled=False)  # the toy profile's choice
+    assert phrase == "a" and valid.eq(1).all() and pixels.gt(0.5).all()
+    assert rng.integers(10**9) == np.random.default_rng(0).integers(10**9)  # nothing drawn
 
 
 def test_object_view_blacks_out_the_background_and_moves_the_mask_with_the_object():
@@ -81,3 +85,13 @@ def test_the_local_command(tiny, tmp_path):
     elite_train(["local", "--preset", "tiny-random", "--profile", "smoke", "--steps", "2",
                  "--global-mapper", str(tmp_path / "global"), "--out", str(tmp_path / "run")])
     assert (tmp_path / "run" / "mapper" / "model.safetensors").is_file()
+
+
+def test_the_local_command_reads_an_openimages_folder_with_masks(tiny, tmp_path):
+    from test_data import make_openimages_mask_folder
+    GlobalMapper.from_components(tiny).save_pretrained(tmp_path / "global")
+    folder = make_openimages_mask_folder(tmp_path / "oi")
+    elite_train(["local", "--preset", "tiny-random", "--profile", "smoke", "--steps", "2", "--data", str(folder),
+                 "--global-mapper", str(tmp_path / "global"), "--out", str(tmp_path / "run")])
+    assert (tmp_path / "run" / "mapper" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "validation").is_dir()

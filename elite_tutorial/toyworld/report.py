@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import CLIPModel
 
-from ..attention_maps import cross_attention_layers, record_cross_attention
+from ..attention_maps import capture_cross_attention, cross_attention_layers, layer_resolution
 from ..components import ASSETS_DIR, Components, load_components
 from .judge import ToyJudge, accuracy
 from ..data import clip_normalise
@@ -134,7 +134,7 @@ def attention_localisation(components: Components, count: int = 200, timesteps=(
     scenes = [exact_scene(s) for s in specs]
     layers = cross_attention_layers(unet)
     latent_side = unet.config.sample_size
-    sizes = {name: _layer_resolution(unet, name) for name in layers}
+    sizes = {name: layer_resolution(unet, name) for name in layers}
     top = [name for name in layers if sizes[name] == latent_side]
     ratios, inside, outside = [], [], []
     generator = torch.Generator().manual_seed(0)
@@ -152,10 +152,10 @@ def attention_localisation(components: Components, count: int = 200, timesteps=(
         for t in timesteps:
             noise = torch.randn(latents.shape, generator=generator).to(latents)
             noisy = components.scheduler.add_noise(latents, noise, torch.tensor([t]))
-            with record_cross_attention(unet, top) as maps:
+            with capture_cross_attention(unet) as capture:
                 unet(noisy, t, encoder_hidden_states=context)
             for name in top:
-                probs = maps[name][0]  # (batch, pixels, tokens)
+                probs = capture.probabilities(name).mean(1)  # (batch, pixels, tokens), heads averaged
                 total += probs[torch.arange(len(chunk)), :, positions]
         for row, mask in zip(total, masks):
             inside.append(float(row[mask].mean()))
@@ -164,18 +164,6 @@ def attention_localisation(components: Components, count: int = 200, timesteps=(
     return {"layers": top, "resolution": latent_side, "timesteps": list(timesteps), "scenes": count,
             "inside_over_outside": round(float(np.mean(inside) / np.mean(outside)), 3),
             "median_per_scene_ratio": round(float(np.median(ratios)), 3)}
-
-
-def _layer_resolution(unet, processor_name: str) -> int:
-    """Side of the latent grid a down/mid/up block's attention runs at."""
-    side = unet.config.sample_size
-    parts = processor_name.split(".")
-    if parts[0] == "mid_block":
-        return side // 2 ** (len(unet.config.block_out_channels) - 1)
-    block = int(parts[1])
-    if parts[0] == "down_blocks":
-        return side // 2**block
-    return side // 2 ** (len(unet.config.block_out_channels) - 1 - block)
 
 
 def timings(folder, device="cpu", repeats: int = 3) -> dict:

@@ -200,9 +200,9 @@ class ToyWorldSource:
                 "prompts": [toy_prompt_with_placeholder(s.spec, rng) for s in scenes]}
 
     def local_batch(self, rng: np.random.Generator, size: int, scale_augmentation: bool = True) -> dict:
-        """A stage-2 batch (see `train_local`): the scene scale-augmented as the UNet's target, with
-        its valid-region mask; the whole scene for the global words; the object alone for the local
-        tokens, with its mask; captions with the scale phrase."""
+        """A stage-2 batch (see `train_local`): the scene, scale-augmented unless `scale_augmentation` is
+        False, as the UNet's target, with its valid-region mask; the whole scene for the global words;
+        the object alone for the local tokens, with its mask; captions with the scale phrase."""
         from .toyworld.render import random_scene  # noqa: PLC0415
 
         scenes = [random_scene(int(seed), two_object_probability=0.0) for seed in rng.integers(0, 10**9, size)]

@@ -117,7 +117,7 @@ def encode_milliseconds(pipe: ELITEPipeline, repeats: int = 20) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="ELITE's global-mapper figures on the toy world (JSON).")
+    parser = argparse.ArgumentParser(description="ELITE's fidelity and editability on the toy world (JSON).")
     parser.add_argument("--mapper", type=Path, default=ASSETS_DIR / "toy-global-mapper")
     parser.add_argument("--local-mapper", type=Path, help="also run ELITE's local branch with this LocalMapper")
     parser.add_argument("--local-scale", type=float, default=0.8, help="λ of the local branch")

@@ -167,7 +167,7 @@ class AttentionExplorer:
             self.status.value = f"<span style='color:#b00'>{error}</span>"
             return
         capture = self.generation.capture
-        heads = min(capture.probabilities(layer).shape[1] for layer in capture.layers)
+        heads = min(total.shape[1] for total in capture.sums.values())  # (rows, heads, pixels, tokens)
         with self._muted():
             labels = self.generation.labels
             self.word.options = labels

@@ -64,6 +64,16 @@ class Concept:
         return self.words[indices]
 
 
+def _mask_for(image: Image.Image, mask: ImageLike) -> np.ndarray:
+    """The object mask (H, W) bool of `image`; a mask of another size is resized to it, with a note."""
+    found = load_mask(mask)
+    if found.shape != (image.height, image.width):
+        warnings.warn(f"The mask is {found.shape[1]}x{found.shape[0]} and the image {image.width}x{image.height}: "
+                      "the mask is resized to the image (nearest neighbour).", stacklevel=3)
+        found = np.asarray(Image.fromarray(found).resize(image.size, Image.Resampling.NEAREST))
+    return found
+
+
 @dataclass(frozen=True)
 class SamplingDefaults:
     num_inference_steps: int
@@ -102,24 +112,25 @@ class ELITEPipeline:
     def encode(self, image: ImageLike, mask: ImageLike | None = None) -> Concept:
         """Read a concept from one image (path, PIL image or array; any mode and size).
 
-        `mask` (white = object; any size, resized to the image) gates the local branch; the global
+        `mask` (white = object; a mask of another size is resized to the image, with a warning; an
+        empty or unreadable mask raises ValueError) gates the local branch; the global
         words read the whole image, as in the authors' code. With a `LocalMapper` and no mask, the
         whole image counts as the object (with a warning): the local tokens then carry the
         background too.
         """
         rgb = load_image(image)
         pixels = clip_pixels(rgb, self.image_size)
+        full_mask = None if mask is None else _mask_for(rgb, mask)
         object_mask = None
-        if mask is not None:
-            object_mask = torch.from_numpy(load_mask(mask, size=(self.image_size, self.image_size)))
+        if full_mask is not None:
+            side = (self.image_size, self.image_size)
+            object_mask = torch.from_numpy(np.asarray(Image.fromarray(full_mask).resize(side, Image.Resampling.NEAREST)))
         words = self.global_mapper(self._levels(pixels))[0]
         local_tokens = None
         if self.local_mapper is not None:
-            if mask is None:
+            if full_mask is None:
                 warnings.warn("No mask given: the local branch reads the whole image as the object.", stacklevel=2)
                 full_mask = np.ones((rgb.height, rgb.width), dtype=bool)
-            else:
-                full_mask = load_mask(mask, size=rgb.size)
             # the object alone: background pixels black, as the authors' `image * mask`
             object_image = Image.fromarray((np.asarray(rgb) * full_mask[..., None]).astype(np.uint8))
             tokens = self.local_mapper(self._levels(clip_pixels(object_image, self.image_size)))

@@ -7,6 +7,7 @@ from torch import nn
 
 from elite_tutorial.attention import LocalTokens, elite_attention, set_local_tokens
 from elite_tutorial.attention_maps import AttentionCapture, capture_cross_attention
+from elite_tutorial.data import concept_folder
 from elite_tutorial.mappers import GlobalMapper, LocalMapper, clip_feature_levels, mask_local_tokens
 from test_global_mapper import AuthorsMapper, authors_checkpoint
 
@@ -206,7 +207,8 @@ def object_and_mask():
 
 def test_encode_reads_the_object_alone_into_masked_local_tokens(local_pipe):
     image, mask = object_and_mask()
-    concept = local_pipe.encode(image, mask)
+    with pytest.warns(UserWarning, match="resized to the image"):
+        concept = local_pipe.encode(image, mask)
     assert concept.local_tokens.shape == (64, 32)  # the tiny encoder's 8 x 8 patches
     kept = concept.local_tokens.abs().sum(-1) > 0
     assert 0 < kept.sum() < 64  # background patches are zero vectors
@@ -239,3 +241,28 @@ def test_pipeline_local_scale_zero_is_global_only_and_guidance_rows_are_right(ti
     assert local_pipe.attention_capture is None
     with pytest.raises(ValueError, match="no local tokens"):
         local_pipe("a photo of a S", global_only.encode(image), num_inference_steps=1, output_type="np", height=32, width=32)
+
+
+def test_encode_takes_masks_as_the_authors_store_them_and_refuses_bad_ones(local_pipe, tmp_path):
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+    pixels = np.zeros((30, 50, 3), np.uint8)  # non-square
+    pixels[5:25, 10:30] = (200, 30, 30)
+    mask = np.zeros((30, 50, 3), np.uint8)  # an RGB mask, white on the object
+    mask[5:25, 10:30] = 255
+    Image.fromarray(pixels).save(tmp_path / "0.jpg")
+    Image.fromarray(mask).save(tmp_path / "0_bg.png")
+    (image_path, mask_path), = concept_folder(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same size: no note
+        concept = local_pipe.encode(image_path, mask_path)
+    assert concept.mask.shape == (32, 32) and concept.mask[16, 16] and not concept.mask[16, 31]
+    grey = Image.fromarray(mask).convert("L")
+    torch.testing.assert_close(local_pipe.encode(image_path, grey).local_tokens, concept.local_tokens)
+    with pytest.raises(ValueError, match="empty"):
+        local_pipe.encode(image_path, Image.new("L", (50, 30), 0))
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(ValueError, match="not a readable mask"):
+        local_pipe.encode(image_path, tmp_path / "text.png")

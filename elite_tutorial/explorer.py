@@ -46,11 +46,13 @@ class Generation:
 @dataclass(frozen=True)
 class View:
     """How to look at a generation. steps: first and last step (inclusive; None = all);
-    resolution: a grid height (None = all layers, upsampled to the finest); head: one head or None (mean)."""
+    resolution: a grid height (None = all layers, upsampled to the finest); layer: one layer instead
+    (a processor name); head: one head or None (mean)."""
 
     word: str = "w0"
     steps: tuple[int, int] | None = None
     resolution: int | None = None
+    layer: str | None = None
     head: int | None = None
     opacity: float = 0.6
     scale: int = 4
@@ -71,7 +73,8 @@ def render(view: View, generation: Generation) -> Image.Image:
     """The generated image beside the chosen word's map over it, enlarged `view.scale` times."""
     capture = generation.capture
     steps = None if view.steps is None else range(view.steps[0], view.steps[1] + 1)
-    selection = dict(resolution=view.resolution, head=view.head, steps=steps)
+    selection = dict(resolution=view.resolution, head=view.head, steps=steps,
+                     layers=None if view.layer is None else [view.layer])
     if view.word == GATE:
         heat = gate_map(capture, **selection)
     else:
@@ -95,8 +98,8 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 class AttentionExplorer:
-    """The ipywidgets app: concept, prompt, λ and seed, then Generate; word, steps, resolution, head
-    and opacity re-render from the stored capture. `concepts`: name -> (image, mask or None).
+    """The ipywidgets app: concept, prompt, λ and seed, then Generate; word, steps, resolution or
+    layer, head and opacity re-render from the stored capture. `concepts`: name -> (image, mask or None).
     An uploaded image (and optional mask) is added as the concept "uploaded"."""
 
     def __init__(self, pipe: ELITEPipeline, concepts: dict[str, tuple[Any, Any]], prompt: str = "a photo of a S on the left",
@@ -119,6 +122,7 @@ class AttentionExplorer:
         self.word = w.Dropdown(description="word")
         self.steps = w.IntRangeSlider(description="steps")
         self.resolution = w.Dropdown(description="resolution")
+        self.layer = w.Dropdown(description="layer")
         self.head = w.Dropdown(description="head")
         self.opacity = w.FloatSlider(value=0.6, min=0, max=1, step=0.05, description="opacity")
         self.image = w.Image(format="png")
@@ -126,12 +130,12 @@ class AttentionExplorer:
         self.generate_button.on_click(lambda _: self.run())
         for upload in (self.upload_image, self.upload_mask):
             upload.observe(lambda _: self._take_upload(), names="value")
-        for control in (self.word, self.steps, self.resolution, self.head, self.opacity):
+        for control in (self.word, self.steps, self.resolution, self.layer, self.head, self.opacity):
             control.observe(lambda _: self.refresh(), names="value")
         self.widget = w.VBox([
             w.HBox([self.concept, self.upload_image, self.upload_mask]),
             w.HBox([self.prompt, self.local_scale, self.seed, self.generate_button]),
-            w.HBox([self.word, self.resolution, self.head]),
+            w.HBox([self.word, self.resolution, self.layer, self.head]),
             w.HBox([self.steps, self.opacity]),
             self.image, self.status,
         ])
@@ -175,13 +179,16 @@ class AttentionExplorer:
             self.steps.max = capture.num_steps - 1
             self.steps.value = (0, capture.num_steps - 1)
             self.resolution.options = [("all", None)] + [(str(r), r) for r in resolutions(capture)]
+            self.layer.options = [("all of the resolution", None)] + [
+                (f"{name.removesuffix('.transformer_blocks.0.attn2.processor')} ({capture.resolution(name)[0]})", name)
+                for name in capture.layers]
             self.head.options = [("mean", None)] + [(str(h), h) for h in range(heads)]
         self.status.value = f"{capture.num_steps} steps captured ({capture.nbytes() / 2**20:.1f} MiB)"
         self.refresh()
 
     def view(self) -> View:
         return View(word=self.word.value, steps=tuple(self.steps.value), resolution=self.resolution.value,
-                    head=self.head.value, opacity=self.opacity.value)
+                    layer=self.layer.value, head=self.head.value, opacity=self.opacity.value)
 
     def refresh(self) -> None:
         """Re-render the current view of the stored generation (nothing is generated)."""

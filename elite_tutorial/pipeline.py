@@ -70,7 +70,7 @@ def _mask_for(image: Image.Image, mask: ImageLike) -> np.ndarray:
     if found.shape != (image.height, image.width):
         warnings.warn(f"The mask is {found.shape[1]}x{found.shape[0]} and the image {image.width}x{image.height}: "
                       "the mask is resized to the image (nearest neighbour).", stacklevel=3)
-        found = np.asarray(Image.fromarray(found).resize(image.size, Image.Resampling.NEAREST))
+        found = np.array(Image.fromarray(found).resize(image.size, Image.Resampling.NEAREST))
     return found
 
 
@@ -124,7 +124,7 @@ class ELITEPipeline:
         object_mask = None
         if full_mask is not None:
             side = (self.image_size, self.image_size)
-            object_mask = torch.from_numpy(np.asarray(Image.fromarray(full_mask).resize(side, Image.Resampling.NEAREST)))
+            object_mask = torch.from_numpy(np.array(Image.fromarray(full_mask).resize(side, Image.Resampling.NEAREST)))
         words = self.global_mapper(self._levels(pixels))[0]
         local_tokens = None
         if self.local_mapper is not None:

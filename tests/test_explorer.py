@@ -27,7 +27,9 @@ def test_render_is_a_pure_function_of_the_view(toy_pipe):
     first = render(View(word="w0"), generation)
     assert first.size == (2 * 64 * 4 + 8, 64 * 4)
     assert np.array_equal(np.asarray(render(View(word="w0"), generation)), np.asarray(first))
-    for other in (View(word="left"), View(word="w0", head=2), View(word="w0", steps=(0, 4)), View(word="w0", resolution=8)):
+    one_layer = generation.capture.layers[-1]
+    for other in (View(word="left"), View(word="w0", head=2), View(word="w0", steps=(0, 4)), View(word="w0", resolution=8),
+                  View(word="w0", layer=one_layer)):
         assert not np.array_equal(np.asarray(render(other, generation)), np.asarray(first)), other
     with pytest.raises(ValueError, match="not a word"):
         render(View(word="dog"), generation)
@@ -42,8 +44,11 @@ def test_widget_controls_re_render_without_generating_again(toy_pipe):
     explorer.word.value = "left"
     assert not np.array_equal(pixels(explorer.image.value), shown)
     after_word = pixels(explorer.image.value)
-    explorer.opacity.value = 0.0
+    explorer.layer.value = explorer.layer.options[-1][1]  # one layer
     assert not np.array_equal(pixels(explorer.image.value), after_word)
+    after_layer = pixels(explorer.image.value)
+    explorer.opacity.value = 0.0
+    assert not np.array_equal(pixels(explorer.image.value), after_layer)
     assert explorer.generation is generation  # the view controls did not generate
     explorer.concept.value = CONCEPTS[1].name
     explorer.generate_button.click()

@@ -63,7 +63,7 @@ class Side:
         self.name, self.models, self.tokenizer, self.autocast_dtype, self.eager = name, models, tokenizer, autocast_dtype, eager
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            self.mapper = mapper_for(models).to(models.unet.device).train().requires_grad_(True)
+            self.mapper = GlobalMapper.from_components(models).train().requires_grad_(True)
         self.optimizer = torch.optim.AdamW(self.mapper.parameters(), lr=1e-5, weight_decay=1e-2)
 
     def step(self, latents, clip_pixels, prompts, noise, timesteps, alphas):
@@ -99,14 +99,6 @@ class Side:
         elapsed = time.perf_counter() - start
         unet.set_attn_processor(previous)
         return elapsed
-
-
-def mapper_for(models) -> GlobalMapper:
-    """A GlobalMapper sized from the full-size towers, k/v copies from the UNet (1024 -> 768)."""
-    class _Components:  # the three attributes from_components reads
-        image_encoder, text_encoder, unet = models.image_encoder, models.text_encoder, models.unet
-        device = models.unet.device
-    return GlobalMapper.from_components(_Components)
 
 
 def sync(device):

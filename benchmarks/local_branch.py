@@ -62,9 +62,7 @@ def toy(repeats: int) -> dict:
 def sd14(resolution: int, repeats: int) -> dict:
     models = sd14_architecture()
 
-    class Sized:  # the attributes `from_components` reads
-        image_encoder, text_encoder, unet, device = models.image_encoder, models.text_encoder, models.unet, torch.device("cpu")
-    global_mapper, local_mapper = GlobalMapper.from_components(Sized), LocalMapper.from_components(Sized)
+    global_mapper, local_mapper = GlobalMapper.from_components(models), LocalMapper.from_components(models)
     latents, context = torch.randn(2, 4, resolution // 8, resolution // 8), torch.randn(2, 77, 768)
     patches = (224 // 14) ** 2
     local = LocalTokens(torch.randn(1, patches, 768), rows=torch.tensor([1]), primary_index=torch.tensor([5]), scale=0.8)

@@ -186,9 +186,11 @@ def load_capture(path: str | os.PathLike) -> AttentionCapture:
         for layer in meta["layers"]:
             if f"{prefix}/{layer}" in tensors:
                 sums[layer] = tensors[f"{prefix}/{layer}"]
-                count = sum(1 for k in tensors if k.startswith(f"{prefix}/") and k.endswith(f"/{layer}") and k.count("/") == 2)
-                if count:
-                    steps[layer] = [tensors[f"{prefix}/{i}/{layer}"] for i in range(count)]
+                kept = []
+                while f"{prefix}/{len(kept)}/{layer}" in tensors:
+                    kept.append(tensors[f"{prefix}/{len(kept)}/{layer}"])
+                if kept:
+                    steps[layer] = kept
     return capture
 
 
@@ -266,10 +268,11 @@ def capture_cross_attention(target, tokens: Sequence[int] | None = None, keep_st
             capture.guided = bool(diffusers_pipeline.do_classifier_free_guidance)
         capture.on_unet_call(args[0] if args else kwargs["sample"], args[1] if len(args) > 1 else kwargs["timestep"])
 
-    reporting = _pipeline_reports_to if hasattr(target, "attention_capture") else _processors_report_to
+    reporting = (_pipeline_reports_to(target, capture) if hasattr(target, "attention_capture")
+                 else _processors_report_to(unet, capture))
     hook = unet.register_forward_pre_hook(on_call, with_kwargs=True)
     try:
-        with reporting(target if reporting is _pipeline_reports_to else unet, capture):
+        with reporting:
             yield capture
     finally:
         hook.remove()

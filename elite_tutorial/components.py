@@ -334,6 +334,11 @@ class SD14Architecture:
     text_encoder: CLIPTextModel
     image_encoder: CLIPVisionModel
 
+    @property
+    def device(self) -> torch.device:
+        """Where the models are (so mappers can be sized with `from_components(architecture)`)."""
+        return self.unet.device
+
 
 def sd14_architecture(seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu") -> SD14Architecture:
     """Build the sd14 UNet and CLIP ViT-L/14 towers from their configs, randomly initialised."""

@@ -124,8 +124,8 @@ class ELITEAttnProcessor:
         attended = F.scaled_dot_product_attention(query, heads(_project(to_k_local, tokens, query.dtype)),
                                                   heads(_project(to_v_local, tokens, query.dtype)))
         # the gate is one number per query row, so gating the probabilities (as the authors write it)
-        # and gating the attended values are the same
-        return local.scale * gate * attended
+        # and gating the attended values are the same; the gate is fp32 under autocast, the output not
+        return (local.scale * gate * attended).to(attended.dtype)
 
 
 def _project(linear: nn.Linear, context: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

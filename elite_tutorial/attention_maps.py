@@ -58,10 +58,11 @@ def attention_probabilities(query: torch.Tensor, key: torch.Tensor, scale: float
                             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + mask), the probabilities the fused kernel never materialises.
 
-    query (n, heads, pixels, d), key (n, heads, tokens, d) -> (n, heads, pixels, tokens).
+    query (n, heads, pixels, d), key (n, heads, tokens, d) -> (n, heads, pixels, tokens), in fp32
+    whatever the inputs' dtype (as CUDA autocast computes softmax, and the CPU then does too).
     """
     scores = query @ key.transpose(-1, -2) * scale
-    return (scores + (attention_mask if attention_mask is not None else 0)).softmax(dim=-1)
+    return (scores + (attention_mask if attention_mask is not None else 0)).float().softmax(dim=-1)
 
 
 class AttentionCapture:

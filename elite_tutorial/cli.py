@@ -2,6 +2,7 @@
 
     elite-train global --preset toy --profile toy --out runs/global-toy
     elite-train global --preset toy --profile toy --out runs/global-toy --resume latest
+    elite-train global --preset toy --profile toy --mixed-precision bf16 --data-workers 3 --out runs/global-toy   # beside a GPU
     elite-train local --preset toy --profile toy --global-mapper assets/toy-global-mapper --out runs/local-toy
     accelerate launch -m elite_tutorial.cli global --preset sd14 --profile sd14 \\
         --data /data/openimages --mixed-precision bf16 --out runs/global-sd14
@@ -48,6 +49,8 @@ def _common_options(stage: argparse.ArgumentParser, profiles) -> None:
     stage.add_argument("--seed", type=int)
     stage.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     stage.add_argument("--gradient-checkpointing", action="store_true")
+    stage.add_argument("--data-workers", type=int, default=0,
+                       help="processes that build batches ahead (beside a GPU; the batches are the same)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     components = load_components(args.preset, device="cpu", dtype=dtype)
     options = dict(resume=args.resume == "latest", mixed_precision=args.mixed_precision,
-                   gradient_checkpointing=args.gradient_checkpointing,
+                   gradient_checkpointing=args.gradient_checkpointing, data_workers=args.data_workers,
                    command=" ".join(["elite-train", *(sys.argv[1:] if argv is None else argv)]))
     source = _source(args.data, components, args.stage)
     if args.stage == "global":

@@ -403,13 +403,15 @@ class OpenImagesMaskSource:
                                     "in `OpenImagesMaskSource`'s docstring.")
         with open(table, newline="") as f:
             rows = list(csv.DictReader(f))
-        self.objects = [row for row in rows if self._kept(row)]
+        self.objects = [row for row in rows if self.keeps(row)]
         if not self.objects:
             raise ValueError(f"{table} has no object that stage 2 keeps (2 %..80 % of the image, ≥ 100 px a side, "
                              "aspect ratio 1:2..2:1).")
         self.skipped = 0
 
-    def _kept(self, row: dict) -> bool:
+    @staticmethod
+    def keeps(row: dict) -> bool:
+        """Whether a segmentation-table row's box passes the area filter."""
         x0, x1, y0, y1 = (float(row[k]) for k in ("BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax"))
         return 0.02 < (x1 - x0) * (y1 - y0) < 0.8  # the pixel-size filters need the image: see `sample`
 

@@ -19,14 +19,17 @@ import argparse
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .components import ASSETS_DIR, load_components
 from .mappers import GlobalMapper, LocalMapper
-from .pipeline import ELITEPipeline
+from .metrics import MetricModels, clip_i, clip_t, dino_i, with_class_word
+from .pipeline import TOY_DEFAULTS, ELITEPipeline, SamplingDefaults
 from .toyworld.concepts import CONCEPTS, PersonalConcept, concept_views
 from .toyworld.judge import ToyJudge
 
@@ -54,6 +57,77 @@ def _images(output) -> np.ndarray:
     return (output.images * 255).round().astype(np.uint8)
 
 
+# A method under evaluation: a prompt with the placeholder S -> uint8 images (concepts x samples, H, W, 3),
+# concept-major, one batch for all concepts, seeded.
+Generate = Callable[[str], np.ndarray]
+
+
+def elite_generator(pipe: ELITEPipeline, concepts=CONCEPTS, samples: int = 4, seed: int = 0,
+                    local_scale: float = 0.8) -> Generate:
+    """ELITE (w0; the local branch at λ = `local_scale` if the pipeline has a local mapper), each
+    concept encoded once from its first view and that view's mask."""
+    pipe.sd_pipeline.set_progress_bar_config(disable=True)
+    encoded = [pipe.encode(*concept_views(c)[0]) for c in concepts]
+    return lambda prompt: _images(pipe([prompt] * len(concepts), encoded, generator=torch.Generator().manual_seed(seed),
+                                       num_images_per_prompt=samples, output_type="np", local_scale=local_scale))
+
+
+def prompt_embeds_generator(components, embeds: Callable[[str], torch.Tensor], samples: int, seed: int,
+                            defaults: SamplingDefaults) -> Generate:
+    """The plain text-to-image pipeline on prompt embeddings `embeds(prompt)` (concepts, 77, width)."""
+    plain = components.text_to_image_pipeline()
+    plain.set_progress_bar_config(disable=True)
+    return lambda prompt: _images(plain(
+        prompt_embeds=embeds(prompt), num_inference_steps=defaults.num_inference_steps,
+        guidance_scale=defaults.guidance_scale, generator=torch.Generator().manual_seed(seed),
+        num_images_per_prompt=samples, output_type="np"))
+
+
+def class_word_generator(components, concepts=CONCEPTS, samples: int = 4, seed: int = 0,
+                         defaults: SamplingDefaults = TOY_DEFAULTS) -> Generate:
+    """The lower bound: the plain model with each concept's class word where S was ("a photo of a heart")."""
+    c = components
+
+    @torch.no_grad()
+    def embeds(prompt: str) -> torch.Tensor:
+        ids = c.tokenizer([with_class_word(prompt, concept.class_word) for concept in concepts], padding="max_length",
+                          max_length=c.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        return c.text_encoder(ids.to(c.device))[0]
+
+    return prompt_embeds_generator(c, embeds, samples, seed, defaults)
+
+
+def score(generate: Generate, judge: ToyJudge, concepts=CONCEPTS, samples: int = 4,
+          metrics: MetricModels | None = None, progress: bool = False) -> dict:
+    """The toy judge's fidelity and editability of a method (see the module doc), and with `metrics`
+    the paper's CLIP-T (all four prompts, the class word read in place of S), CLIP-I and DINO-I (all
+    generated images against the concept's four views). Returns {"summary": means, "concepts": rows}."""
+    prompts = {"fidelity": "a photo of a S", **{attribute: prompt for attribute, (prompt, _) in EDITS.items()}}
+    generated = {key: generate(prompt) for key, prompt in tqdm(prompts.items(), desc="prompts", leave=False,
+                                                                  disable=not progress)}
+    rows = []
+    for index, concept in enumerate(concepts):
+        views = [image for image, _ in concept_views(concept)]
+        identity = concept_identity(judge, concept)
+        mine = {key: images[index * samples:(index + 1) * samples] for key, images in generated.items()}
+        row = {"concept": concept.name, "identity": identity,
+               "fidelity": float(_agreement(judge.predict(mine["fidelity"]), identity).mean())}
+        for attribute, (_, wanted) in EDITS.items():
+            predictions = judge.predict(mine[attribute])
+            edited = np.array([p == wanted for p in predictions[attribute]])
+            row[f"edit_{attribute}"] = float((edited & (_agreement(predictions, identity) >= 2 / 3)).mean())
+        if metrics is not None:
+            everything = np.concatenate(list(mine.values()))
+            texts = [with_class_word(prompts[key], concept.class_word) for key in mine for _ in range(samples)]
+            row["clip_t"] = float(clip_t(metrics, everything, texts).mean())
+            row["clip_i"] = float(clip_i(metrics, everything, views).mean())
+            row["dino_i"] = float(dino_i(metrics, everything, views).mean())
+        rows.append(row)
+    summary = {key: round(float(np.mean([r[key] for r in rows])), 3) for key in rows[0] if key not in ("concept", "identity")}
+    summary["editability"] = round(float(np.mean([summary[f"edit_{a}"] for a in EDITS])), 3)
+    return {"summary": summary, "concepts": rows}
+
+
 @torch.no_grad()
 def fidelity_and_editability(pipe: ELITEPipeline, judge: ToyJudge, concepts=CONCEPTS, samples: int = 4,
                              seed: int = 0, local_scale: float = 0.8) -> dict:
@@ -63,45 +137,14 @@ def fidelity_and_editability(pipe: ELITEPipeline, judge: ToyJudge, concepts=CONC
     mapper, when the pipeline has one, at λ = `local_scale`). Each prompt is generated for all
     concepts in one batched call (`samples` images per concept).
     """
-    plain = pipe.components.text_to_image_pipeline()
-    for p in (plain, pipe.sd_pipeline):
-        p.set_progress_bar_config(disable=True)
-    steps, guidance = pipe.defaults.num_inference_steps, pipe.defaults.guidance_scale
-    identities = [concept_identity(judge, c) for c in concepts]
-    encoded = [pipe.encode(*concept_views(c)[0]) for c in concepts]
-
-    def per_concept(predictions: dict[str, list[str]]) -> list[dict[str, list[str]]]:
-        """Split batched predictions (concept-major, `samples` each) by concept."""
-        return [{k: v[i * samples:(i + 1) * samples] for k, v in predictions.items()} for i in range(len(concepts))]
-
-    def elite(prompt: str) -> list[dict[str, list[str]]]:
-        out = pipe([prompt] * len(concepts), encoded, generator=torch.Generator().manual_seed(seed),
-                   num_images_per_prompt=samples, output_type="np", local_scale=local_scale)
-        return per_concept(judge.predict(_images(out)))
-
-    baseline = per_concept(judge.predict(_images(plain(
-        [f"a photo of a {c.class_word}" for c in concepts], num_inference_steps=steps, guidance_scale=guidance,
-        generator=torch.Generator().manual_seed(seed), num_images_per_prompt=samples, output_type="np"))))
-    inverted = elite("a photo of a S")
-    edits = {attribute: elite(prompt) for attribute, (prompt, _) in EDITS.items()}
-    rows = []
-    for index, (concept, identity) in enumerate(zip(concepts, identities)):
-        row = {"concept": concept.name, "identity": identity,
-               "fidelity": float(_agreement(inverted[index], identity).mean()),
-               "baseline_fidelity": float(_agreement(baseline[index], identity).mean())}
-        for attribute, (_, wanted) in EDITS.items():
-            predictions = edits[attribute][index]
-            edited = np.array([p == wanted for p in predictions[attribute]])
-            kept = _agreement(predictions, identity) >= 2 / 3
-            row[f"edit_{attribute}"] = float((edited & kept).mean())
-        rows.append(row)
-    mean = lambda key: round(float(np.mean([r[key] for r in rows])), 3)  # noqa: E731
-    summary = {"fidelity": mean("fidelity"), "baseline_fidelity": mean("baseline_fidelity")}
-    summary.update({f"edit_{a}": mean(f"edit_{a}") for a in EDITS})
-    summary["editability"] = round(float(np.mean([summary[f"edit_{a}"] for a in EDITS])), 3)
+    elite = score(elite_generator(pipe, concepts, samples, seed, local_scale), judge, concepts, samples)
+    baseline = score(class_word_generator(pipe.components, concepts, samples, seed, pipe.defaults), judge, concepts, samples)
+    rows = [{**row, "baseline_fidelity": base["fidelity"]} for row, base in zip(elite["concepts"], baseline["concepts"])]
+    summary = {"fidelity": elite["summary"]["fidelity"], "baseline_fidelity": baseline["summary"]["fidelity"]}
+    summary.update({key: value for key, value in elite["summary"].items() if key.startswith("edit")})
     summary["fidelity_gain_over_baseline"] = round(summary["fidelity"] - summary["baseline_fidelity"], 3)
-    return {"summary": summary, "concepts": rows, "samples_per_prompt": samples, "steps": steps,
-            "guidance_scale": guidance, "local_scale": local_scale if pipe.local_mapper is not None else None}
+    return {"summary": summary, "concepts": rows, "samples_per_prompt": samples, "steps": pipe.defaults.num_inference_steps,
+            "guidance_scale": pipe.defaults.guidance_scale, "local_scale": local_scale if pipe.local_mapper is not None else None}
 
 
 def encode_milliseconds(pipe: ELITEPipeline, repeats: int = 20) -> float:
@@ -123,8 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local-scale", type=float, default=0.8, help="λ of the local branch")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="the README's figures are from the CPU (fp32 either way)")
     args = parser.parse_args(argv)
-    components = load_components("toy", device="cpu")
+    components = load_components("toy", device=args.device, dtype=torch.float32)
     local_mapper = LocalMapper.from_pretrained(args.local_mapper) if args.local_mapper else None
     pipe = ELITEPipeline(components, GlobalMapper.from_pretrained(args.mapper), local_mapper)
     judge = ToyJudge.from_pretrained(JUDGE_FOLDER).eval()

@@ -15,7 +15,8 @@ Stage 2 (`train_local`, the authors' `train_local.py`) freezes the global mapper
 Runs unchanged on one CPU, one GPU, or many GPUs/nodes (`accelerate launch`), with mixed precision,
 gradient accumulation and optional gradient checkpointing. Every step's randomness (which samples,
 noise, timesteps) is drawn from (seed, step, process), so `--resume latest` continues to exactly the
-weights an uninterrupted run reaches.
+weights an uninterrupted run reaches, and `data_workers` processes can build batches ahead of the
+accelerator without changing them.
 
 Output folder:
     mapper/                 the final mapper (save_pretrained: config.json + model.safetensors, + log.json)
@@ -43,6 +44,7 @@ from diffusers import DDPMScheduler
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .attention import LocalTokens, elite_attention, set_local_tokens
@@ -244,6 +246,29 @@ def _validation_grid(components: Components, mapper: GlobalMapper, source: Train
 # --------------------------------------------------------------------------------------------------
 # The loop (both stages).
 
+class _MicroBatches(Dataset):
+    """Item k is micro-batch k of the run from step `start` on: `next_batch(rng, batch_size)` with rng
+    seeded by (seed, step, process, micro) alone, plus `seed`, the step's noise seed drawn first from
+    that rng. Items do not depend on each other, so DataLoader workers can build them ahead."""
+
+    def __init__(self, next_batch: Callable[[np.random.Generator, int], dict], recipe: _Recipe, process: int,
+                 start: int):
+        self.next_batch, self.recipe, self.process, self.start = next_batch, recipe, process, start
+
+    def __len__(self) -> int:
+        return (self.recipe.steps - self.start) * self.recipe.gradient_accumulation
+
+    def __getitem__(self, k: int) -> dict:
+        step, micro = divmod(k, self.recipe.gradient_accumulation)
+        rng = np.random.default_rng([self.recipe.seed, self.start + step, self.process, micro])
+        seed = int(rng.integers(2**62))
+        return {**self.next_batch(rng, self.recipe.batch_size), "seed": seed}
+
+
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)  # each worker renders one batch at a time; more threads only oversubscribe
+
+
 def _train(
     stage: str,
     components: Components,
@@ -258,11 +283,13 @@ def _train(
     mixed_precision: str,
     stop_after: int | None,
     command: str | None,
+    data_workers: int = 0,
 ):
     """AdamW on `mapper`'s trainable parameters with `accelerate`, checkpoints, validation, the log.
 
     `step_losses(mapper as prepared, batch, generator)` returns the named losses of one micro-batch;
     `attention(mapper)` installs ELITE's processors for the whole run; `validate(mapper, png path)`.
+    `data_workers` processes build batches ahead (0: in the training process, between steps).
     """
     accelerator = Accelerator(gradient_accumulation_steps=recipe.gradient_accumulation, mixed_precision=mixed_precision)
     scale = recipe.batch_size * recipe.gradient_accumulation * accelerator.num_processes
@@ -275,6 +302,11 @@ def _train(
         raise FileExistsError(f"{out} already holds checkpoints; pass --resume latest or choose a new folder.")
     prepared, optimizer = accelerator.prepare(mapper, optimizer)
     log = {"command": command, "recipe": asdict(recipe), "history": history}
+    batches = iter(DataLoader(_MicroBatches(next_batch, recipe, accelerator.process_index, start), batch_size=None,
+                              num_workers=data_workers, prefetch_factor=4 if data_workers else None,
+                              worker_init_fn=_one_thread if data_workers else None,
+                              pin_memory=accelerator.device.type == "cuda",
+                              generator=torch.Generator()))  # its own: the global RNG stays untouched
 
     bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc=f"train {stage} mapper",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
@@ -282,10 +314,9 @@ def _train(
     with attention(mapper):
         for step in bar:
             sums: dict[str, float] = {}
-            for micro in range(recipe.gradient_accumulation):
-                rng = np.random.default_rng([recipe.seed, step, accelerator.process_index, micro])
-                generator = torch.Generator(accelerator.device).manual_seed(int(rng.integers(2**62)))
-                batch = next_batch(rng, recipe.batch_size)
+            for _ in range(recipe.gradient_accumulation):
+                batch = next(batches)
+                generator = torch.Generator(accelerator.device).manual_seed(batch.pop("seed"))
                 with accelerator.accumulate(prepared), accelerator.autocast():
                     losses = step_losses(prepared, batch, generator)
                     accelerator.backward(sum(losses.values()))
@@ -333,11 +364,13 @@ def train_global(
     gradient_checkpointing: bool = False,
     stop_after: int | None = None,
     command: str | None = None,
+    data_workers: int = 0,
 ) -> GlobalMapper:
     """Train a global mapper on `components` (frozen) with samples from `source`; see the module docstring.
 
     `stop_after` ends the run after that many steps (a checkpoint is written), as a crash would.
-    `command` (the command line, if any) is recorded in the log.
+    `command` (the command line, if any) is recorded in the log. `data_workers` processes build the
+    batches ahead (worth it beside a GPU; the batches are the same either way).
     """
     components = components.to(PartialState().device)
     if gradient_checkpointing:  # the UNet's activations dominate the memory of a step
@@ -352,7 +385,8 @@ def train_global(
         step_losses=lambda m, batch, generator: training_step_losses(components, m, batch, recipe, noise_scheduler, generator),
         attention=lambda m: elite_attention(components.unet, m),
         validate=lambda m, path: _validation_grid(components, m, source, path, recipe.seed),
-        resume=resume, mixed_precision=mixed_precision, stop_after=stop_after, command=command)
+        resume=resume, mixed_precision=mixed_precision, stop_after=stop_after, command=command,
+        data_workers=data_workers)
 
 
 def train_local(
@@ -366,6 +400,7 @@ def train_local(
     gradient_checkpointing: bool = False,
     stop_after: int | None = None,
     command: str | None = None,
+    data_workers: int = 0,
 ) -> LocalMapper:
     """Stage 2: train a local mapper (its MLPs and local k/v copies) with `global_mapper` and its k/v
     copies frozen; see `local_step_losses`. Same options, checkpoints and output as `train_global`."""
@@ -383,7 +418,8 @@ def train_local(
                                                                  noise_scheduler, generator),
         attention=lambda m: elite_attention(components.unet, global_mapper, local_mapper=m),
         validate=lambda m, path: _validation_grid(components, global_mapper, source, path, recipe.seed, local_mapper=m),
-        resume=resume, mixed_precision=mixed_precision, stop_after=stop_after, command=command)
+        resume=resume, mixed_precision=mixed_precision, stop_after=stop_after, command=command,
+        data_workers=data_workers)
 
 
 def recipe_with(profile: str, stage: str = "global", **overrides) -> GlobalRecipe | LocalRecipe:

@@ -80,6 +80,24 @@ def test_stage_two_resume_reaches_the_weights_of_an_uninterrupted_run(tiny, tmp_
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def test_stage_two_under_bf16_mixed_precision(tmp_path):
+    """Autocast makes the local branch's gate fp32 and its attention bf16; the step must still add up."""
+    from accelerate.state import AcceleratorState
+
+    from elite_tutorial.components import load_components
+
+    components = load_components("tiny-random", device="cpu", dtype=torch.bfloat16)
+    AcceleratorState._reset_state(True)  # accelerate keeps one precision per process; tests switch it
+    try:
+        mapper = train_local(components, GlobalMapper.from_components(components), source(), tmp_path / "run",
+                             replace(RECIPE, steps=2, validate_every=100), mixed_precision="bf16")
+    finally:
+        AcceleratorState._reset_state(True)
+    assert all(p.dtype == torch.float32 for p in mapper.parameters())
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert all(np.isfinite(h["loss_mle"]) for h in log["history"])
+
+
 def test_the_local_command(tiny, tmp_path):
     GlobalMapper.from_components(tiny).save_pretrained(tmp_path / "global")
     elite_train(["local", "--preset", "tiny-random", "--profile", "smoke", "--steps", "2",

@@ -76,6 +76,15 @@ def test_the_command_trains_on_an_openimages_folder(tmp_path):
     assert OpenImagesSource(folder).boxes  # the folder the run read
 
 
+def test_batch_workers_build_the_same_batches(tiny, tmp_path):
+    recipe = replace(RECIPE, steps=3, gradient_accumulation=2, validate_every=100)
+    inline = train_global(tiny, source(), tmp_path / "inline", recipe)
+    ahead = train_global(tiny, source(), tmp_path / "ahead", recipe, data_workers=2)
+    assert all(torch.equal(state(inline)[k], state(ahead)[k]) for k in state(inline))
+    logs = [json.loads((tmp_path / run / "log.json").read_text())["history"] for run in ("inline", "ahead")]
+    assert logs[0] == logs[1]
+
+
 def test_gradient_checkpointing_changes_memory_not_results(tiny, tmp_path):
     recipe = replace(RECIPE, steps=2, validate_every=100)
     plain = state(train_global(tiny, source(), tmp_path / "plain", recipe))

@@ -1,0 +1,131 @@
+"""The paper's main comparison rebuilt on the toy world (notebook 05): four methods, one protocol.
+
+- **class word**: the plain model, "a photo of a heart" (the lower bound);
+- **Textual Inversion**: one word optimised per concept on its four views (`baselines.textual_inversion`,
+  initialised from the class word), used with the UNet's own cross-attention;
+- **ELITE global**: w0 of the shipped global mapper;
+- **ELITE global + local**: with the shipped local mapper at λ = 0.8.
+
+Each is scored by `evaluation.score` (the toy judge's fidelity and editability; CLIP-T, CLIP-I, DINO-I
+from `metrics`) on the same seeds. The time each needs to learn a concept is measured in the same run:
+Textual Inversion's optimisation against ELITE's `encode` (global + local, one forward pass).
+
+    python -m elite_tutorial.comparison --out results/toy_comparison.json
+
+Everything but the timings is a function of `--seed`: a rerun prints the same table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .baselines import TI_PROFILES, textual_inversion
+from .components import ASSETS_DIR, load_components
+from .evaluation import JUDGE_FOLDER, class_word_generator, elite_generator, prompt_embeds_generator, score
+from .mappers import GlobalMapper, LocalMapper
+from .metrics import load_metric_models
+from .pipeline import ELITEPipeline
+from .toyworld.concepts import CONCEPTS, concept_views
+from .toyworld.judge import ToyJudge
+from .words import encode_prompts_with_words
+
+METHODS = ("class word", "Textual Inversion", "ELITE global", "ELITE global + local")
+COLUMNS = ("fidelity", "editability", "clip_t", "clip_i", "dino_i")
+
+
+def textual_inversion_generator(components, embeddings: torch.Tensor, samples: int, seed: int, defaults):
+    """Textual Inversion's words (concepts, width) at S, through the plain pipeline."""
+    c = components
+
+    @torch.no_grad()
+    def embeds(prompt: str) -> torch.Tensor:
+        words = embeddings.to(c.device, c.text_encoder.dtype)[:, None]
+        return encode_prompts_with_words([prompt] * len(embeddings), words, c.tokenizer, c.text_encoder)
+
+    return prompt_embeds_generator(c, embeds, samples, seed, defaults)
+
+
+def _encode_seconds(pipe: ELITEPipeline, concepts) -> list[float]:
+    """Wall time of ELITE's `encode` (image + mask) per concept, after one warm-up call."""
+    pipe.encode(*concept_views(concepts[0])[0])
+    times = []
+    for concept in concepts:
+        image, mask = concept_views(concept)[0]
+        start = time.perf_counter()
+        pipe.encode(image, mask)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def compare(components, global_mapper: GlobalMapper, local_mapper: LocalMapper, concepts=CONCEPTS,
+            samples: int = 4, seed: int = 0, ti_profile: str = "toy", progress: bool = True) -> dict:
+    """The four methods' scores (`evaluation.score` summaries and per-concept rows) and the seconds each
+    needs per concept to learn it (0 for the class word)."""
+    judge = ToyJudge.from_pretrained(JUDGE_FOLDER).eval()
+    metrics = load_metric_models("toy", components.device)
+    global_pipe = ELITEPipeline(components, global_mapper)
+    local_pipe = ELITEPipeline(components, global_mapper, local_mapper)
+    encode_seconds = _encode_seconds(local_pipe, concepts)
+    inversions = [textual_inversion(components, [image for image, _ in concept_views(concept)], concept.class_word,
+                                    TI_PROFILES[ti_profile], seed=seed, progress=False)
+                  for concept in tqdm(concepts, desc="textual inversion", disable=not progress)]
+    defaults = global_pipe.defaults
+    generators = {
+        "class word": class_word_generator(components, concepts, samples, seed, defaults),
+        "Textual Inversion": textual_inversion_generator(
+            components, torch.stack([ti.embedding for ti in inversions]), samples, seed, defaults),
+        "ELITE global": elite_generator(global_pipe, concepts, samples, seed),
+        "ELITE global + local": elite_generator(local_pipe, concepts, samples, seed, local_scale=0.8),
+    }
+    seconds = {"class word": 0.0, "Textual Inversion": float(np.mean([ti.seconds for ti in inversions])),
+               "ELITE global": float(np.mean(encode_seconds)), "ELITE global + local": float(np.mean(encode_seconds))}
+    results = {}
+    for method in tqdm(METHODS, desc="methods", disable=not progress):
+        results[method] = {**score(generators[method], judge, concepts, samples, metrics, progress),
+                           "seconds_per_concept": round(seconds[method], 4)}
+    return {"methods": results, "concepts": [c.name for c in concepts], "samples_per_prompt": samples, "seed": seed,
+            "textual_inversion": {"profile": ti_profile, **TI_PROFILES[ti_profile].__dict__},
+            "speedup_textual_inversion_over_elite": round(seconds["Textual Inversion"] / seconds["ELITE global + local"], 1)}
+
+
+def table(results: dict) -> str:
+    """The comparison as a Markdown table."""
+    lines = ["| method | " + " | ".join(COLUMNS) + " | seconds per concept |", "|---" * (len(COLUMNS) + 2) + "|"]
+    for method, result in results["methods"].items():
+        values = [f"{result['summary'][column]:.3f}" for column in COLUMNS]
+        lines.append(f"| {method} | " + " | ".join(values) + f" | {result['seconds_per_concept']:.4g} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="The paper's main comparison on the toy world.")
+    parser.add_argument("--global-mapper", type=Path, default=ASSETS_DIR / "toy-global-mapper")
+    parser.add_argument("--local-mapper", type=Path, default=ASSETS_DIR / "toy-local-mapper")
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--concepts", type=int, default=len(CONCEPTS), help="the first N personal concepts")
+    parser.add_argument("--ti-profile", default="toy", choices=sorted(TI_PROFILES))
+    parser.add_argument("--out", type=Path, help="also write the results here (JSON)")
+    args = parser.parse_args(argv)
+    components = load_components("toy", device="cpu", dtype=torch.float32)
+    results = compare(components, GlobalMapper.from_pretrained(args.global_mapper), LocalMapper.from_pretrained(args.local_mapper),
+                      CONCEPTS[:args.concepts], args.samples, args.seed, args.ti_profile)
+    results["command"] = " ".join(["python -m elite_tutorial.comparison", *(sys.argv[1:] if argv is None else argv)])
+    print(table(results))
+    print(f"Textual Inversion / ELITE encoding time: {results['speedup_textual_inversion_over_elite']} x")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        partial = args.out.with_name(args.out.name + ".partial")
+        partial.write_text(json.dumps(results, indent=1))
+        partial.replace(args.out)
+
+
+if __name__ == "__main__":
+    main()

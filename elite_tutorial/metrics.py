@@ -56,7 +56,7 @@ class MetricModels:
         return self.clip.device
 
 
-def _projected(features) -> torch.Tensor:
+def projected_features(features) -> torch.Tensor:
     """CLIP's projected features: transformers 5 wraps them in an output's `pooler_output`."""
     return features if torch.is_tensor(features) else features.pooler_output
 
@@ -109,8 +109,10 @@ def _pixels(images: Sequence[ImageLike] | np.ndarray, size: int, device) -> torc
 @torch.no_grad()
 def image_embeddings(models: MetricModels, images, batch_size: int = 64) -> torch.Tensor:
     """Unit-length CLIP image embeddings (n, projection_dim)."""
-    out = [_projected(models.clip.get_image_features(pixel_values=clip_normalise(_pixels(images[i:i + batch_size], models.clip_size, models.device))))
-           for i in range(0, len(images), batch_size)]
+    out = []
+    for start in range(0, len(images), batch_size):
+        pixels = clip_normalise(_pixels(images[start:start + batch_size], models.clip_size, models.device))
+        out.append(projected_features(models.clip.get_image_features(pixel_values=pixels)))
     return F.normalize(torch.cat(out).float(), dim=-1)
 
 
@@ -118,7 +120,7 @@ def image_embeddings(models: MetricModels, images, batch_size: int = 64) -> torc
 def text_embeddings(models: MetricModels, prompts: Sequence[str]) -> torch.Tensor:
     """Unit-length CLIP text embeddings (n, projection_dim)."""
     ids = models.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt").input_ids
-    return F.normalize(_projected(models.clip.get_text_features(input_ids=ids.to(models.device))).float(), dim=-1)
+    return F.normalize(projected_features(models.clip.get_text_features(input_ids=ids.to(models.device))).float(), dim=-1)
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ from ..attention_maps import capture_cross_attention, cross_attention_layers, la
 from ..components import ASSETS_DIR, Components, load_components
 from .judge import ToyJudge, accuracy
 from ..data import clip_normalise
+from ..metrics import projected_features
 from .pretrain import HELD_OUT_SEED, tokenize
 from .render import POSITION_PHRASES, SIZE, caption, exact_scene, images_to_tensor, random_spec
 
@@ -58,11 +59,6 @@ def vae_psnr(components: Components, count: int = 500) -> float:
     return round(float(torch.cat(psnrs).mean()), 2)
 
 
-def _projected(features) -> torch.Tensor:
-    """CLIP's projected features: transformers 5 wraps them in an output's `pooler_output`."""
-    return features if torch.is_tensor(features) else features.pooler_output
-
-
 @torch.no_grad()
 def clip_retrieval(clip: CLIPModel, tokenizer, count: int = 500, choices: int = 10) -> float:
     """Fraction of held-out images whose own caption scores highest among `choices` captions."""
@@ -70,8 +66,8 @@ def clip_retrieval(clip: CLIPModel, tokenizer, count: int = 500, choices: int = 
     device = clip.device
     pixels = clip_normalise(_pixels(np.stack([s.image for s in scenes]), device))
     ids = tokenize(tokenizer, [s.caption for s in scenes], "longest").to(device)
-    image_features = F.normalize(_projected(clip.get_image_features(pixel_values=pixels)), dim=-1)
-    text_features = F.normalize(_projected(clip.get_text_features(input_ids=ids)), dim=-1)
+    image_features = F.normalize(projected_features(clip.get_image_features(pixel_values=pixels)), dim=-1)
+    text_features = F.normalize(projected_features(clip.get_text_features(input_ids=ids)), dim=-1)
     rng = np.random.default_rng(0)
     correct = 0
     for i in range(count):

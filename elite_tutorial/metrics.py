@@ -26,11 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from transformers import CLIPModel, CLIPTokenizer
 
 from .components import ASSETS_DIR, TOY_FOLDER, PresetUnavailableError
-from .data import ImageLike, clip_normalise, load_image
+from .data import ImageLike, clip_normalise, load_image, unit_pixels
 
 SD14_METRIC_REPOS = {"clip": "openai/clip-vit-base-patch32", "dino": "facebook/dino-vits16"}
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -102,8 +101,7 @@ def load_metric_models(preset: str = "toy", device="cpu") -> MetricModels:
 
 def _pixels(images: Sequence[ImageLike] | np.ndarray, size: int, device) -> torch.Tensor:
     """Images (paths, PIL, or uint8 arrays (n, H, W, 3)) -> (n, 3, size, size) RGB in [0, 1]."""
-    arrays = [np.asarray(load_image(image).resize((size, size), Image.Resampling.BICUBIC)) for image in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255).to(device)
+    return torch.stack([unit_pixels(load_image(image), size) for image in images]).to(device)
 
 
 @torch.no_grad()

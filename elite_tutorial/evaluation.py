@@ -12,6 +12,7 @@
 
     python -m elite_tutorial.evaluation --mapper assets/toy-global-mapper
     python -m elite_tutorial.evaluation --local-mapper assets/toy-local-mapper --local-scale 0.8
+    python -m elite_tutorial.evaluation --described   # with the reference described in words
 """
 from __future__ import annotations
 
@@ -83,18 +84,41 @@ def prompt_embeds_generator(components, embeds: Callable[[str], torch.Tensor], s
         num_images_per_prompt=samples, output_type="np"))
 
 
-def class_word_generator(components, concepts=CONCEPTS, samples: int = 4, seed: int = 0,
-                         defaults: SamplingDefaults = TOY_DEFAULTS) -> Generate:
-    """The lower bound: the plain model with each concept's class word where S was ("a photo of a heart")."""
+def words_generator(components, words: list[str], samples: int = 4, seed: int = 0,
+                    defaults: SamplingDefaults = TOY_DEFAULTS) -> Generate:
+    """The plain model with `words[i]` written where S was, for concept i."""
     c = components
 
     @torch.no_grad()
     def embeds(prompt: str) -> torch.Tensor:
-        ids = c.tokenizer([with_class_word(prompt, concept.class_word) for concept in concepts], padding="max_length",
+        ids = c.tokenizer([with_class_word(prompt, phrase) for phrase in words], padding="max_length",
                           max_length=c.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
         return c.text_encoder(ids.to(c.device))[0]
 
     return prompt_embeds_generator(c, embeds, samples, seed, defaults)
+
+
+def class_word_generator(components, concepts=CONCEPTS, samples: int = 4, seed: int = 0,
+                         defaults: SamplingDefaults = TOY_DEFAULTS) -> Generate:
+    """The lower bound: the plain model with each concept's class word where S was ("a photo of a heart")."""
+    return words_generator(components, [concept.class_word for concept in concepts], samples, seed, defaults)
+
+
+def described(identity: dict[str, str]) -> str:
+    """The judge's reading of a concept in the toy language: 'green dotted circle' ('solid' goes unsaid,
+    as in the training captions)."""
+    pattern = [] if identity["pattern"] == "solid" else [identity["pattern"]]
+    return " ".join([identity["colour"], *pattern, identity["shape"]])
+
+
+def described_generator(components, judge: ToyJudge, concepts=CONCEPTS, samples: int = 4, seed: int = 0,
+                        defaults: SamplingDefaults = TOY_DEFAULTS) -> Generate:
+    """A reference, not a method: the plain model with S replaced by the judge's own reading of each
+    concept in words ("a photo of a green dotted circle"). It reads the answer from the judge, so
+    it shows what the toy model can draw from the toy language's words, the room a method that
+    turns a concept into word embeddings has to work in."""
+    words = [described(concept_identity(judge, concept)) for concept in concepts]
+    return words_generator(components, words, samples, seed, defaults)
 
 
 def score(generate: Generate, judge: ToyJudge, concepts=CONCEPTS, samples: int = 4,
@@ -167,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="the README's figures are from the CPU (fp32 either way)")
+    parser.add_argument("--described", action="store_true",
+                        help="also score the reference that writes the judge's reading of each concept in words")
     args = parser.parse_args(argv)
     components = load_components("toy", device=args.device, dtype=torch.float32)
     local_mapper = LocalMapper.from_pretrained(args.local_mapper) if args.local_mapper else None
@@ -174,6 +200,10 @@ def main(argv: list[str] | None = None) -> None:
     judge = ToyJudge.from_pretrained(JUDGE_FOLDER).eval()
     report = fidelity_and_editability(pipe, judge, samples=args.samples, seed=args.seed, local_scale=args.local_scale)
     report["encode_ms_cpu"] = encode_milliseconds(pipe)
+    if args.described:
+        reference = score(described_generator(components, judge, samples=args.samples, seed=args.seed), judge,
+                          samples=args.samples)
+        report["described_in_words"] = reference["summary"]
     print(json.dumps(report, indent=1))
 
 

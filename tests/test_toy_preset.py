@@ -12,7 +12,7 @@ from elite_tutorial.mappers import clip_feature_levels
 from elite_tutorial.toyworld.judge import ToyJudge, accuracy
 from elite_tutorial.toyworld.models import toy_vocabulary
 from elite_tutorial.toyworld.render import SIZE, exact_scene, random_spec
-from elite_tutorial.toyworld.report import EVAL_DIR, prompted_attributes
+from elite_tutorial.toyworld.report import EVAL_DIR, linear_probe_accuracy, mapper_input_probe, prompted_attributes
 
 
 def test_toy_loads_offline_with_the_sd14_roles(tmp_path):
@@ -57,3 +57,20 @@ def test_shipped_tokenizer_is_the_one_the_code_builds():
     from elite_tutorial.toyworld.models import toy_tokenizer
     shipped = CLIPTokenizer.from_pretrained(TOY_FOLDER / "tokenizer")
     assert shipped.get_vocab() == toy_tokenizer().get_vocab()
+
+
+def test_linear_probe_reads_what_is_there_and_nothing_else():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (1000,), generator=generator)
+    separable = torch.nn.functional.one_hot(labels, 5).float() + 0.1 * torch.randn(1000, 5, generator=generator)
+    assert linear_probe_accuracy(separable, labels, train=800) > 0.95
+    noise = torch.randn(1000, 16, generator=generator)
+    assert linear_probe_accuracy(noise, labels, train=800) < 0.35  # chance is 0.2
+
+
+def test_mapper_input_probe_on_the_shipped_encoder():
+    probe = mapper_input_probe(load_components("toy", device="cpu").image_encoder, count=600)
+    assert set(probe) == {"shape", "colour", "pattern", "position", "background"}
+    assert probe["shape"]["chance"] == 0.2 and probe["background"]["chance"] == round(1 / 7, 3)
+    assert probe["colour"]["accuracy"] > 0.9 and probe["background"]["accuracy"] > 0.9
+    assert all(row["accuracy"] > row["chance"] for row in probe.values())

@@ -127,3 +127,39 @@ def test_stages_run_as_separate_commands_then_finish(tmp_path):
     assert any(command.endswith("--stages judge") for command in log["commands"])
     with pytest.raises(SystemExit):
         P.main(base + ["--stages", "clip,decoder"])
+
+
+def test_shape_contrast_group_varies_the_shape_alone():
+    group = P.shape_contrast_group(np.random.default_rng(3))
+    assert [spec.objects[0].shape for spec in group] == list(P.SHAPES)
+    for spec in group:
+        assert spec.background == group[0].background and spec.texture_seed == group[0].texture_seed
+        assert replace(spec.objects[0], shape="circle") == replace(group[0].objects[0], shape="circle")
+    images = [P.render(spec)[0] for spec in group]
+    assert all(not np.array_equal(images[0], image) for image in images[1:])
+
+
+def test_clip_batches_with_shape_groups(pool, tmp_path, monkeypatch):
+    """Groups take their place at the end of the batch; a recipe without groups keeps its batches."""
+    tokenizer = toy_tokenizer()
+    grouped = replace(RECIPE, clip_steps=3, clip_batch=16, clip_shape_groups=2)
+    captured = {}
+
+    def capture(name, model, make_batch, *args, **kwargs):
+        captured[name] = make_batch
+        return []
+
+    monkeypatch.setattr(P, "train_loop", capture)
+    P.train_clip(pool, tokenizer, grouped, tmp_path, CPU)
+    batch = captured["clip"](np.random.default_rng(0))
+    P.train_clip(pool, tokenizer, replace(grouped, clip_shape_groups=0), tmp_path, CPU)
+    plain = captured["clip"](np.random.default_rng(0))
+    assert batch["pixel_values"].shape == plain["pixel_values"].shape == (16, 3, P.SIZE, P.SIZE)
+    assert batch["input_ids"].shape[0] == 16
+    # the six pool images come first and are the ones the plain recipe draws first
+    assert torch.equal(batch["pixel_values"][:6], plain["pixel_values"][:6])
+    captions = tokenizer.batch_decode(batch["input_ids"][6:], skip_special_tokens=True)
+    for group in (captions[:5], captions[5:]):
+        assert [next(s for s in P.SHAPES if s in text.split()) for text in group] == list(P.SHAPES)
+    with pytest.raises(ValueError, match="more than the batch"):
+        P.train_clip(pool, tokenizer, replace(grouped, clip_shape_groups=4), tmp_path, CPU)

@@ -42,7 +42,7 @@ from ..data import clip_normalise  # the toy image encoder is fed exactly like V
 from ..storage import load_optimizer_tensors, optimizer_tensors, save_safetensors_atomic
 from .judge import ToyJudge, label_indices
 from .models import toy_clip, toy_scheduler, toy_tokenizer, toy_unet, toy_vae
-from .render import SIZE, SceneSpec, caption, images_to_tensor, random_spec, render
+from .render import SHAPES, SIZE, SceneSpec, caption, images_to_tensor, random_spec, render
 
 STAGES = ("clip", "vae", "unet", "judge")
 HELD_OUT_SEED = 10**9  # evaluation scenes use seeds from here on; training pools never reach it
@@ -58,6 +58,8 @@ class Recipe:
     clip_steps: int = 600
     clip_batch: int = 128
     clip_lr: float = 1e-3
+    # groups of five scenes per CLIP batch that differ only in the object's shape (see `shape_contrast_group`)
+    clip_shape_groups: int = 0
     vae_steps: int = 600
     vae_batch: int = 32
     vae_lr: float = 2e-3
@@ -269,15 +271,34 @@ def _seed_init(recipe: Recipe, stage: str) -> None:
     torch.manual_seed(recipe.seed * 100 + STAGES.index(stage))
 
 
+def shape_contrast_group(rng: np.random.Generator) -> list[SceneSpec]:
+    """One random single-object scene drawn once in each shape, all else equal (colour, pattern, size,
+    position, background, texture).
+
+    In a batch of random scenes two captions rarely agree on everything but the shape, so CLIP can
+    match images to captions without ever reading shape, and it learns to see little of it. A group
+    in the batch makes shape the only way to tell its five images (and captions) apart."""
+    spec = random_spec(rng, two_object_probability=0.0)
+    return [replace(spec, objects=(replace(spec.objects[0], shape=shape),)) for shape in SHAPES]
+
+
 def train_clip(pool: ScenePool, tokenizer, recipe: Recipe, work: Path, device, stop_after=None):
     _seed_init(recipe, "clip")
     model = toy_clip(tokenizer).to(device)
+    grouped = len(SHAPES) * recipe.clip_shape_groups
+    if grouped > recipe.clip_batch:
+        raise ValueError(f"clip_shape_groups={recipe.clip_shape_groups} needs {grouped} images, more than "
+                         f"the batch of {recipe.clip_batch}.")
 
     def make_batch(rng):
-        index = rng.integers(len(pool), size=recipe.clip_batch)
-        texts = [caption(pool.specs[i], rng, recipe.caption_drop) for i in index]
-        return {"input_ids": tokenize(tokenizer, texts, padding="longest"),
-                "pixel_values": clip_normalise(pool.pixels(index))}
+        index = rng.integers(len(pool), size=recipe.clip_batch - grouped)
+        groups = [spec for _ in range(recipe.clip_shape_groups) for spec in shape_contrast_group(rng)]
+        specs = [pool.specs[i] for i in index] + groups
+        pixels = pool.pixels(index)
+        if groups:
+            pixels = torch.cat([pixels, images_to_tensor(np.stack([render(spec)[0] for spec in groups]))])
+        texts = [caption(spec, rng, recipe.caption_drop) for spec in specs]
+        return {"input_ids": tokenize(tokenizer, texts, padding="longest"), "pixel_values": clip_normalise(pixels)}
 
     def loss_fn(batch, generator):
         with _autocast(device):
@@ -529,6 +550,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated stages to run now (default: all); the folders are written "
                              "once all four are done")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--clip-shape-groups", type=int, default=None,
+                        help="shape-contrast groups of five scenes in each CLIP batch (default: the profile's)")
     args = parser.parse_args(argv)
     stages = tuple(args.stages.split(","))
     if unknown := set(stages) - set(STAGES):
@@ -536,6 +559,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = replace(PROFILES[args.profile], seed=args.seed)
+    if args.clip_shape_groups is not None:
+        recipe = replace(recipe, clip_shape_groups=args.clip_shape_groups)
     command = " ".join(["elite-toy-pretrain", *(sys.argv[1:] if argv is None else argv)])
     log = pretrain(args.out, args.eval_out, recipe, args.device, command=command, stages=stages)
     print(json.dumps(log["seconds"]) if log else f"stages {args.stages} done; run the others to finish.")

@@ -4,6 +4,7 @@
 - VAE reconstruction PSNR on held-out scenes;
 - the judge's own accuracy on held-out renders;
 - toy CLIP: how often it picks an image's caption among 10;
+- what a global mapper can read from the toy image encoder: a linear probe per attribute;
 - prompt adherence: generate from held-out prompts (attributes randomly left out, prefixes or plain),
   judge the images, score the attributes each prompt named;
 - cross-attention localisation: noise a held-out scene, run the UNet with its caption and compare the
@@ -22,15 +23,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import CLIPModel
+from transformers import CLIPModel, CLIPVisionModel
 
 from ..attention_maps import capture_cross_attention, cross_attention_layers, layer_resolution
 from ..components import ASSETS_DIR, Components, load_components
 from .judge import ToyJudge, accuracy
 from ..data import clip_normalise
+from ..mappers import clip_feature_levels
 from ..metrics import projected_features
 from .pretrain import HELD_OUT_SEED, tokenize
-from .render import POSITION_PHRASES, SIZE, caption, exact_scene, images_to_tensor, random_spec
+from .render import ATTRIBUTES, POSITION_PHRASES, SIZE, caption, exact_scene, images_to_tensor, random_spec
 
 EVAL_DIR = ASSETS_DIR / "toy-eval"
 
@@ -75,6 +77,54 @@ def clip_retrieval(clip: CLIPModel, tokenizer, count: int = 500, choices: int = 
         candidates = np.concatenate([[i], others])
         correct += int((image_features[i] @ text_features[candidates].T).argmax() == 0)
     return round(correct / count, 4)
+
+
+def linear_probe_accuracy(features: torch.Tensor, labels: torch.Tensor, train: int, steps: int = 300,
+                          seed: int = 0) -> float:
+    """Held-out accuracy of a linear classifier (softmax regression, full-batch Adam) fitted on the
+    first `train` rows of `features` (n, d), standardised with those rows' statistics, to predict the
+    integer `labels` (n,); scored on the remaining rows."""
+    x = features.float()
+    x = (x - x[:train].mean(0)) / (x[:train].std(0) + 1e-6)
+    with torch.random.fork_rng():  # seeded initial weights, the caller's generator left as it was
+        torch.manual_seed(seed)
+        classifier = torch.nn.Linear(x.shape[1], int(labels.max()) + 1)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-2, weight_decay=1e-4)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            F.cross_entropy(classifier(x[:train]), labels[:train]).backward()
+            optimizer.step()
+    with torch.no_grad():
+        return round(float((classifier(x[train:]).argmax(1) == labels[train:]).float().mean()), 3)
+
+
+PROBED_ATTRIBUTES = ("shape", "colour", "pattern", "position", "background")
+
+
+@torch.no_grad()
+def mapper_input_probe(image_encoder: CLIPVisionModel, count: int = 3000, train_fraction: float = 0.8) -> dict:
+    """What a global mapper can read from an image: for each attribute of held-out single-object
+    scenes, the accuracy of a linear probe on the image encoder's last feature level (the class token
+    and the mean patch token, side by side: what word w0 is computed from), with chance beside it.
+
+    A mapper is a small MLP, not a linear probe, but an attribute the probe cannot read from these
+    features is one the mapper has little to work with."""
+    specs = held_out_specs(count, offset=50_000)
+    device = image_encoder.device
+    features = []
+    for start in range(0, count, 250):
+        pixels = clip_normalise(_pixels(np.stack([exact_scene(s).image for s in specs[start:start + 250]]), device))
+        last = clip_feature_levels(image_encoder, pixels.to(image_encoder.dtype))[0].float().cpu()
+        features.append(torch.cat([last[:, 0], last[:, 1:].mean(1)], dim=1))
+    features = torch.cat(features)
+    train = int(count * train_fraction)
+    probe = {}
+    for attribute in PROBED_ATTRIBUTES:
+        labels = torch.tensor([ATTRIBUTES[attribute].index(s.labels()[attribute]) for s in specs])
+        probe[attribute] = {"accuracy": linear_probe_accuracy(features, labels, train),
+                            "chance": round(1 / len(ATTRIBUTES[attribute]), 3)}
+    return probe
 
 
 def judge_accuracy(judge: ToyJudge, count: int = 1000) -> dict[str, float]:
@@ -191,6 +241,7 @@ def toy_report(folder=None, eval_folder=None, device=None, prompts: int = 500) -
         "vae_psnr_db": vae_psnr(components),
         "judge_held_out_accuracy": judge_accuracy(judge),
         "clip_caption_among_10": clip_retrieval(clip, components.tokenizer),
+        "mapper_input_probe": mapper_input_probe(components.image_encoder),
         "attention_localisation": attention_localisation(components),
     }
     adherence = prompt_adherence(components, judge, count=prompts)

@@ -156,6 +156,12 @@ def test_clip_batches_with_shape_groups(pool, tmp_path, monkeypatch):
     plain = captured["clip"](np.random.default_rng(0))
     assert batch["pixel_values"].shape == plain["pixel_values"].shape == (16, 3, P.SIZE, P.SIZE)
     assert batch["input_ids"].shape[0] == 16
+    # without groups, the batch is the one built before groups existed: 16 pool scenes, then their captions
+    rng = np.random.default_rng(0)
+    index = rng.integers(len(pool), size=16)
+    texts = [P.caption(pool.specs[i], rng, grouped.caption_drop) for i in index]
+    assert torch.equal(plain["pixel_values"], P.clip_normalise(pool.pixels(index)))
+    assert torch.equal(plain["input_ids"], P.tokenize(tokenizer, texts, padding="longest"))
     # the six pool images come first and are the ones the plain recipe draws first
     assert torch.equal(batch["pixel_values"][:6], plain["pixel_values"][:6])
     captions = tokenizer.batch_decode(batch["input_ids"][6:], skip_special_tokens=True)

@@ -5,14 +5,16 @@ import sys
 
 import numpy as np
 import torch
+from transformers import CLIPModel
 
 from elite_tutorial import load_components
 from elite_tutorial.components import TOY_FOLDER
 from elite_tutorial.mappers import clip_feature_levels
 from elite_tutorial.toyworld.judge import ToyJudge, accuracy
-from elite_tutorial.toyworld.models import toy_vocabulary
-from elite_tutorial.toyworld.render import SIZE, exact_scene, random_spec
-from elite_tutorial.toyworld.report import EVAL_DIR, linear_probe_accuracy, mapper_input_probe, prompted_attributes
+from elite_tutorial.toyworld.models import toy_tokenizer, toy_vocabulary
+from elite_tutorial.toyworld.render import SHAPES, SIZE, exact_scene, random_spec
+from elite_tutorial.toyworld.report import (EVAL_DIR, clip_shape_among_5, linear_probe_accuracy, mapper_input_probe,
+                                           prompted_attributes)
 
 
 def test_toy_loads_offline_with_the_sd14_roles(tmp_path):
@@ -54,7 +56,6 @@ def test_prompted_attributes_are_the_words_in_the_prompt():
 def test_shipped_tokenizer_is_the_one_the_code_builds():
     from transformers import CLIPTokenizer
 
-    from elite_tutorial.toyworld.models import toy_tokenizer
     shipped = CLIPTokenizer.from_pretrained(TOY_FOLDER / "tokenizer")
     assert shipped.get_vocab() == toy_tokenizer().get_vocab()
 
@@ -74,3 +75,33 @@ def test_mapper_input_probe_on_the_shipped_encoder():
     assert probe["shape"]["chance"] == 0.2 and probe["background"]["chance"] == round(1 / 7, 3)
     assert probe["colour"]["accuracy"] > 0.9 and probe["background"]["accuracy"] > 0.9
     assert all(row["accuracy"] > row["chance"] for row in probe.values())
+
+
+class _ShapeReadingCLIP(torch.nn.Module):
+    """A stand-in CLIP: a caption's embedding is its shape word (one-hot over SHAPES); the i-th image
+    of each group of five is embedded as shape `order[i]`. Groups draw the shapes in SHAPES order, so
+    order 0..4 reads every image right and a reversed order only the middle one."""
+
+    def __init__(self, tokenizer, order):
+        super().__init__()
+        self.shape_tokens = torch.tensor([tokenizer.convert_tokens_to_ids(f"{s}</w>") for s in SHAPES])
+        self.order = torch.tensor(order)
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the module a device
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    def get_text_features(self, input_ids):
+        return (input_ids[:, :, None] == self.shape_tokens).any(1).float()
+
+    def get_image_features(self, pixel_values):
+        return torch.nn.functional.one_hot(self.order.repeat(len(pixel_values) // len(SHAPES)), len(SHAPES)).float()
+
+
+def test_clip_shape_among_5_scores_the_shape_word_alone():
+    tokenizer = toy_tokenizer()
+    assert clip_shape_among_5(_ShapeReadingCLIP(tokenizer, range(5)), tokenizer, groups=4) == 1.0
+    assert clip_shape_among_5(_ShapeReadingCLIP(tokenizer, [4, 3, 2, 1, 0]), tokenizer, groups=4) == 0.2
+    shipped = CLIPModel.from_pretrained(EVAL_DIR / "clip", dtype=torch.float32).eval()
+    assert 0.3 < clip_shape_among_5(shipped, tokenizer, groups=40) <= 1.0

@@ -169,3 +169,24 @@ def test_clip_batches_with_shape_groups(pool, tmp_path, monkeypatch):
         assert [next(s for s in P.SHAPES if s in text.split()) for text in group] == list(P.SHAPES)
     with pytest.raises(ValueError, match="more than the batch"):
         P.train_clip(pool, tokenizer, replace(grouped, clip_shape_groups=4), tmp_path, CPU)
+
+
+def test_clip_options_set_the_steps_and_the_vision_grid(tmp_path):
+    """`--clip-patch-size 4` trains (and saves) a vision tower on a 16 x 16 patch grid."""
+    P.main(["--profile", "smoke", "--stages", "clip", "--clip-patch-size", "4", "--clip-steps", "3", "--device", "cpu",
+            "--out", str(tmp_path / "toy-sd"), "--eval-out", str(tmp_path / "toy-eval")])
+    clip = CLIPModel.from_pretrained(tmp_path / "toy-sd.work" / "clip.done")
+    assert clip.config.vision_config.patch_size == 4
+    states = clip.vision_model(pixel_values=torch.zeros(1, 3, P.SIZE, P.SIZE)).last_hidden_state
+    assert states.shape[1] == 1 + (P.SIZE // 4) ** 2
+    recipe = json.loads((tmp_path / "toy-sd.work" / "recipe.json").read_text())
+    assert recipe["clip_patch_size"] == 4 and recipe["clip_steps"] == 3
+    assert len(json.loads((tmp_path / "toy-sd.work" / "clip.history.json").read_text())) == 3
+
+
+def test_loader_workers_follow_the_batch_cost(monkeypatch):
+    monkeypatch.setattr(P.os, "cpu_count", lambda: 16)
+    assert P._loader_workers(CPU) == P._loader_workers(CPU, renders=True) == 0  # the CPU trains
+    gpu = torch.device("cuda")
+    assert P._loader_workers(gpu) == 4
+    assert P._loader_workers(gpu, renders=True) == 15  # shape groups render as the batches are built

@@ -41,7 +41,9 @@ def toy_tokenizer() -> CLIPTokenizer:
     return build_clip_tokenizer(toy_vocabulary())
 
 
-def toy_clip(tokenizer: CLIPTokenizer) -> CLIPModel:
+def toy_clip(tokenizer: CLIPTokenizer, patch_size: int = 8) -> CLIPModel:
+    """The toy CLIP: a 4-layer text tower and a 6-layer ViT on 64 px scenes, `patch_size` px patches
+    (8: an 8 x 8 grid; 4: a 16 x 16 grid, the grid of ViT-L/14 at 224 px)."""
     return CLIPModel(CLIPConfig(
         text_config=dict(
             vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH,
@@ -51,7 +53,7 @@ def toy_clip(tokenizer: CLIPTokenizer) -> CLIPModel:
         ),
         vision_config=dict(
             hidden_size=128, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
-            image_size=SIZE, patch_size=8,
+            image_size=SIZE, patch_size=patch_size,
         ),
         projection_dim=128,
     ))

@@ -60,6 +60,7 @@ class Recipe:
     clip_lr: float = 1e-3
     # groups of five scenes per CLIP batch that differ only in the object's shape (see `shape_contrast_group`)
     clip_shape_groups: int = 0
+    clip_patch_size: int = 8        # pixels per vision-tower patch side (4: a 16 x 16 grid)
     vae_steps: int = 600
     vae_batch: int = 32
     vae_lr: float = 2e-3
@@ -162,9 +163,14 @@ class StepBatches(Dataset):
         return {"seed": int(rng.integers(2**62)), **self.make_batch(rng)}
 
 
-def _loader_workers(device: torch.device) -> int:
-    """Batch-building processes: none on a CPU (its cores are busy training); a few beside a GPU."""
-    return 0 if device.type == "cpu" else min(4, max(1, (os.cpu_count() or 2) // 4))
+def _loader_workers(device: torch.device, renders: bool = False) -> int:
+    """Batch-building processes: none on a CPU (its cores are busy training). Beside a GPU, a few for
+    batches read from a pool; for batches that render scenes as they are built (CLIP's shape groups:
+    120 renders a step in the `gpu` recipe with 24 groups), every core but the trainer's."""
+    if device.type == "cpu":
+        return 0
+    cores = os.cpu_count() or 2
+    return max(1, cores - 1) if renders else min(4, max(1, cores // 4))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,11 +199,13 @@ def train_loop(
     device: torch.device,
     ema: torch.nn.Module | None = None,
     stop_after: int | None = None,
+    workers: int | None = None,
 ) -> list[dict[str, float]]:
     """AdamW over `model`'s trainable parameters for `steps` steps. `make_batch(rng)` builds a step's
     inputs on the CPU (see `StepBatches`); `loss_fn(batch on device, generator)` returns named losses
     whose sum is minimised. Resumes from `work/<name>.checkpoint.safetensors` when present.
-    `stop_after` ends the run early after that many total steps (to test resuming)."""
+    `stop_after` ends the run early after that many total steps (to test resuming). `workers`: batch-
+    building processes (default `_loader_workers(device)`); they change nothing but the speed."""
     work.mkdir(parents=True, exist_ok=True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, fused=device.type == "cuda")
@@ -215,7 +223,7 @@ def train_loop(
         # the history may have been written just before a crash that kept the older checkpoint
         history = json.loads(history_file.read_text())[:start]
     end = min(steps, stop_after or steps)
-    workers = _loader_workers(device)
+    workers = _loader_workers(device) if workers is None else workers
     if workers:  # the workers tokenise; a tokenizer thread pool inside each would only oversubscribe
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     loader = DataLoader(StepBatches(make_batch, recipe.seed, name, start, end), batch_size=None,
@@ -284,7 +292,7 @@ def shape_contrast_group(rng: np.random.Generator) -> list[SceneSpec]:
 
 def train_clip(pool: ScenePool, tokenizer, recipe: Recipe, work: Path, device, stop_after=None):
     _seed_init(recipe, "clip")
-    model = toy_clip(tokenizer).to(device)
+    model = toy_clip(tokenizer, recipe.clip_patch_size).to(device)
     grouped = len(SHAPES) * recipe.clip_shape_groups
     if grouped > recipe.clip_batch:
         raise ValueError(f"clip_shape_groups={recipe.clip_shape_groups} needs {grouped} images, more than "
@@ -305,7 +313,8 @@ def train_clip(pool: ScenePool, tokenizer, recipe: Recipe, work: Path, device, s
             out = model(**batch, return_loss=True)
         return {"loss_contrastive": out.loss.float()}
 
-    history = train_loop("clip", model, make_batch, loss_fn, recipe.clip_steps, recipe.clip_lr, recipe, work, device, stop_after=stop_after)
+    history = train_loop("clip", model, make_batch, loss_fn, recipe.clip_steps, recipe.clip_lr, recipe, work, device,
+                         stop_after=stop_after, workers=_loader_workers(device, renders=grouped > 0))
     return model, history
 
 
@@ -550,8 +559,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated stages to run now (default: all); the folders are written "
                              "once all four are done")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--clip-steps", type=int, default=None, help="CLIP stage steps (default: the profile's)")
     parser.add_argument("--clip-shape-groups", type=int, default=None,
                         help="shape-contrast groups of five scenes in each CLIP batch (default: the profile's)")
+    parser.add_argument("--clip-patch-size", type=int, default=None,
+                        help="pixels per side of the CLIP vision tower's patches (default: the profile's)")
     args = parser.parse_args(argv)
     stages = tuple(args.stages.split(","))
     if unknown := set(stages) - set(STAGES):
@@ -559,8 +571,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = replace(PROFILES[args.profile], seed=args.seed)
-    if args.clip_shape_groups is not None:
-        recipe = replace(recipe, clip_shape_groups=args.clip_shape_groups)
+    for field in ("clip_steps", "clip_shape_groups", "clip_patch_size"):
+        if (value := getattr(args, field)) is not None:
+            recipe = replace(recipe, **{field: value})
     command = " ".join(["elite-toy-pretrain", *(sys.argv[1:] if argv is None else argv)])
     log = pretrain(args.out, args.eval_out, recipe, args.device, command=command, stages=stages)
     print(json.dumps(log["seconds"]) if log else f"stages {args.stages} done; run the others to finish.")

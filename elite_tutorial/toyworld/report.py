@@ -3,7 +3,8 @@
 - size of `assets/`; time to `load_components("toy")`; one 25-step generation (CPU, benchmark);
 - VAE reconstruction PSNR on held-out scenes;
 - the judge's own accuracy on held-out renders;
-- toy CLIP: how often it picks an image's caption among 10;
+- toy CLIP: how often it picks an image's caption among 10, and among the same scene's captions in
+  the five shapes;
 - what a global mapper can read from the toy image encoder: a linear probe per attribute;
 - prompt adherence: generate from held-out prompts (attributes randomly left out, prefixes or plain),
   judge the images, score the attributes each prompt named;
@@ -31,7 +32,7 @@ from .judge import ToyJudge, accuracy
 from ..data import clip_normalise
 from ..mappers import clip_feature_levels
 from ..metrics import projected_features
-from .pretrain import HELD_OUT_SEED, tokenize
+from .pretrain import HELD_OUT_SEED, shape_contrast_group, tokenize
 from .render import ATTRIBUTES, POSITION_PHRASES, SIZE, caption, exact_scene, images_to_tensor, random_spec
 
 EVAL_DIR = ASSETS_DIR / "toy-eval"
@@ -61,15 +62,21 @@ def vae_psnr(components: Components, count: int = 500) -> float:
     return round(float(torch.cat(psnrs).mean()), 2)
 
 
-@torch.no_grad()
-def clip_retrieval(clip: CLIPModel, tokenizer, count: int = 500, choices: int = 10) -> float:
-    """Fraction of held-out images whose own caption scores highest among `choices` captions."""
-    scenes = [exact_scene(s) for s in held_out_specs(count, offset=10_000, two_object_probability=0.25)]
+def _clip_embeddings(clip: CLIPModel, tokenizer, scenes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-length CLIP embeddings of `scenes`' images and of their full captions: two (n, projection)."""
     device = clip.device
     pixels = clip_normalise(_pixels(np.stack([s.image for s in scenes]), device))
     ids = tokenize(tokenizer, [s.caption for s in scenes], "longest").to(device)
     image_features = F.normalize(projected_features(clip.get_image_features(pixel_values=pixels)), dim=-1)
     text_features = F.normalize(projected_features(clip.get_text_features(input_ids=ids)), dim=-1)
+    return image_features, text_features
+
+
+@torch.no_grad()
+def clip_retrieval(clip: CLIPModel, tokenizer, count: int = 500, choices: int = 10) -> float:
+    """Fraction of held-out images whose own caption scores highest among `choices` captions."""
+    scenes = [exact_scene(s) for s in held_out_specs(count, offset=10_000, two_object_probability=0.25)]
+    image_features, text_features = _clip_embeddings(clip, tokenizer, scenes)
     rng = np.random.default_rng(0)
     correct = 0
     for i in range(count):
@@ -77,6 +84,19 @@ def clip_retrieval(clip: CLIPModel, tokenizer, count: int = 500, choices: int = 
         candidates = np.concatenate([[i], others])
         correct += int((image_features[i] @ text_features[candidates].T).argmax() == 0)
     return round(correct / count, 4)
+
+
+@torch.no_grad()
+def clip_shape_among_5(clip: CLIPModel, tokenizer, groups: int = 200) -> float:
+    """Fraction of images whose own caption scores highest among the captions of the same held-out
+    scene drawn in each of the five shapes (`pretrain.shape_contrast_group`; chance 0.2): whether
+    CLIP tells shapes apart when nothing else differs."""
+    specs = [spec for g in range(groups)
+             for spec in shape_contrast_group(np.random.default_rng(HELD_OUT_SEED + 60_000 + g))]
+    image_features, text_features = _clip_embeddings(clip, tokenizer, [exact_scene(s) for s in specs])
+    shapes = len(specs) // groups
+    similarity = image_features.reshape(groups, shapes, -1) @ text_features.reshape(groups, shapes, -1).transpose(1, 2)
+    return round(float((similarity.argmax(-1) == torch.arange(shapes, device=similarity.device)).float().mean()), 4)
 
 
 def linear_probe_accuracy(features: torch.Tensor, labels: torch.Tensor, train: int, steps: int = 300,
@@ -241,6 +261,7 @@ def toy_report(folder=None, eval_folder=None, device=None, prompts: int = 500) -
         "vae_psnr_db": vae_psnr(components),
         "judge_held_out_accuracy": judge_accuracy(judge),
         "clip_caption_among_10": clip_retrieval(clip, components.tokenizer),
+        "clip_shape_among_5": clip_shape_among_5(clip, components.tokenizer),
         "mapper_input_probe": mapper_input_probe(components.image_encoder),
         "attention_localisation": attention_localisation(components),
     }

@@ -172,7 +172,8 @@ def test_clip_batches_with_shape_groups(pool, tmp_path, monkeypatch):
 
 
 def test_clip_options_set_the_steps_and_the_vision_grid(tmp_path):
-    """`--clip-patch-size 4` trains (and saves) a vision tower on a 16 x 16 patch grid."""
+    """`--clip-patch-size 4` trains (and saves) a vision tower on a 16 x 16 patch grid; `--clip-steps 3`
+    runs three steps; both land in the recorded recipe."""
     P.main(["--profile", "smoke", "--stages", "clip", "--clip-patch-size", "4", "--clip-steps", "3", "--device", "cpu",
             "--out", str(tmp_path / "toy-sd"), "--eval-out", str(tmp_path / "toy-eval")])
     clip = CLIPModel.from_pretrained(tmp_path / "toy-sd.work" / "clip.done")

@@ -25,12 +25,13 @@ from .mappers import GlobalMapper
 from .training import LOCAL_PROFILES, PROFILES, recipe_with, train_global, train_local
 
 
-def _source(data: str, components, stage: str):
+def _source(data: str, components, stage: str, context_probability: float = 0.5):
     clip_size = components.image_encoder.config.image_size
     latent_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
     resolution = components.unet.config.sample_size * latent_factor
     if data == "toy":
-        return ToyWorldSource(clip_size=clip_size, image_size=resolution, latent_factor=latent_factor)
+        return ToyWorldSource(clip_size=clip_size, image_size=resolution, latent_factor=latent_factor,
+                              context_probability=context_probability)
     if stage == "local":
         return OpenImagesMaskSource(Path(data), resolution=resolution, clip_size=clip_size, latent_factor=latent_factor)
     return OpenImagesSource(Path(data), resolution=resolution, clip_size=clip_size)
@@ -47,6 +48,8 @@ def _common_options(stage: argparse.ArgumentParser, profiles) -> None:
     stage.add_argument("--gradient-accumulation", type=int)
     stage.add_argument("--learning-rate", type=float, help="per sample (scaled by the total batch)")
     stage.add_argument("--seed", type=int)
+    stage.add_argument("--key-value-lr-scale", type=float,
+                       help="the k/v copies' learning rate as a multiple of the mapper's (0 keeps them frozen)")
     stage.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     stage.add_argument("--gradient-checkpointing", action="store_true")
     stage.add_argument("--data-workers", type=int, default=0,
@@ -60,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     _common_options(stage, PROFILES)
     stage.add_argument("--num-words", type=int, help="words injected in training (1 for the ablation)")
     stage.add_argument("--reg-weight", type=float, help="weight of mean |words| (0 for the ablation)")
+    stage.add_argument("--toy-context-probability", type=float, default=0.5,
+                       help="toy data: how often a caption says the object's size, its position and the background")
     stage = stages.add_parser("local", help="stage 2: the local mapping network (+ local k/v copies)")
     _common_options(stage, LOCAL_PROFILES)
     stage.add_argument("--global-mapper", required=True, type=Path, help="the trained global mapper's folder (frozen)")
@@ -67,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     overrides = dict(steps=args.steps, batch_size=args.batch_size, gradient_accumulation=args.gradient_accumulation,
-                     learning_rate=args.learning_rate, reg_weight=args.reg_weight, seed=args.seed)
+                     learning_rate=args.learning_rate, reg_weight=args.reg_weight, seed=args.seed,
+                     key_value_lr_scale=args.key_value_lr_scale)
     if args.stage == "global":
         overrides["num_words"] = args.num_words
     recipe = recipe_with(args.profile, args.stage, **overrides)
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     options = dict(resume=args.resume == "latest", mixed_precision=args.mixed_precision,
                    gradient_checkpointing=args.gradient_checkpointing, data_workers=args.data_workers,
                    command=" ".join(["elite-train", *(sys.argv[1:] if argv is None else argv)]))
-    source = _source(args.data, components, args.stage)
+    source = _source(args.data, components, args.stage, getattr(args, "toy_context_probability", 0.5))
     if args.stage == "global":
         mapper = train_global(components, source, args.out, recipe, **options)
     else:

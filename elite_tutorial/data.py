@@ -167,18 +167,19 @@ class LocalTrainingSource(Protocol):
         """A few fixed (image, mask) pairs to show what the mappers make of them during training."""
 
 
-def toy_prompt_with_placeholder(spec, rng: np.random.Generator, placeholder: str = "S") -> str:
+def toy_prompt_with_placeholder(spec, rng: np.random.Generator, placeholder: str = "S",
+                                context_probability: float = 0.5) -> str:
     """'a photo of a large S on the left, on a grass background', each of size, position and
-    background said with probability 1/2. In the toy world a training image is the whole scene, not
-    a tight crop of the object as in the authors' data, so the caption names the rest of the scene;
-    the words then have no reason to carry it."""
+    background said with probability `context_probability`. In the toy world a training image is the
+    whole scene, not a tight crop of the object as in the authors' data, so the caption names the rest
+    of the scene; the words then have no reason to carry it (when it is said)."""
     from .toyworld.render import POSITION_PHRASES, PREFIXES, _article  # noqa: PLC0415 (toy data only)
 
     obj = spec.objects[0]
-    text = f"a {obj.size} {placeholder}" if rng.random() < 0.5 else f"a {placeholder}"
-    if rng.random() < 0.5:
+    text = f"a {obj.size} {placeholder}" if rng.random() < context_probability else f"a {placeholder}"
+    if rng.random() < context_probability:
         text += " " + POSITION_PHRASES[obj.position]
-    if rng.random() < 0.5:
+    if rng.random() < context_probability:
         text += f", on {_article(spec.background)} {spec.background} background"
     prefix = PREFIXES[rng.integers(len(PREFIXES))]
     return f"{prefix} {text}" if prefix else text
@@ -187,8 +188,9 @@ def toy_prompt_with_placeholder(spec, rng: np.random.Generator, placeholder: str
 class ToyWorldSource:
     """Single-object toy scenes drawn on the fly; validation shows the held-out personal concepts."""
 
-    def __init__(self, clip_size: int, image_size: int = 64, latent_factor: int = 4):
+    def __init__(self, clip_size: int, image_size: int = 64, latent_factor: int = 4, context_probability: float = 0.5):
         self.clip_size, self.image_size, self.latent_factor = clip_size, image_size, latent_factor
+        self.context_probability = context_probability
 
     def batch(self, rng: np.random.Generator, size: int) -> dict:
         from .toyworld.render import random_scene  # noqa: PLC0415
@@ -197,7 +199,8 @@ class ToyWorldSource:
         images = [Image.fromarray(s.image) for s in scenes]
         return {"pixel_values": torch.stack([_to_unit_range(i, self.image_size) for i in images]),
                 "clip_pixels": torch.stack([augment_for_clip(i, self.clip_size, rng) for i in images]),
-                "prompts": [toy_prompt_with_placeholder(s.spec, rng) for s in scenes]}
+                "prompts": [toy_prompt_with_placeholder(s.spec, rng, context_probability=self.context_probability)
+                            for s in scenes]}
 
     def local_batch(self, rng: np.random.Generator, size: int, scale_augmentation: bool = True) -> dict:
         """A stage-2 batch (see `train_local`): the scene, scale-augmented unless `scale_augmentation` is

@@ -12,7 +12,9 @@
 
     python -m elite_tutorial.evaluation --mapper assets/toy-global-mapper
     python -m elite_tutorial.evaluation --local-mapper assets/toy-local-mapper --local-scale 0.8
-    python -m elite_tutorial.evaluation --described   # with the reference described in words
+    python -m elite_tutorial.evaluation --described   # with the reference described in words, plain
+                                                      # and through the mapper's k/v copies
+    python -m elite_tutorial.evaluation --sayable     # on objects the toy language can say
 """
 from __future__ import annotations
 
@@ -25,14 +27,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
+from .attention import elite_attention
 from .components import ASSETS_DIR, load_components
 from .mappers import GlobalMapper, LocalMapper
 from .metrics import MetricModels, clip_i, clip_t, dino_i, with_class_word
 from .pipeline import TOY_DEFAULTS, ELITEPipeline, SamplingDefaults
 from .toyworld.concepts import CONCEPTS, PersonalConcept, concept_views
 from .toyworld.judge import ToyJudge
+from .toyworld.render import COLOURS, PATTERNS, SHAPES, SceneSpec, ToyObject, render
 
 IDENTITY = ("shape", "colour", "pattern")
 EDITS = {  # attribute -> (prompt, the value it asks for)
@@ -121,6 +126,18 @@ def described_generator(components, judge: ToyJudge, concepts=CONCEPTS, samples:
     return words_generator(components, words, samples, seed, defaults)
 
 
+def through_key_values(generate: Generate, components, mapper: GlobalMapper) -> Generate:
+    """`generate` with `mapper`'s k/v copies in place of the UNet's own in every cross-attention layer.
+
+    ELITE reads *all* text context through the copies it trains, the words of the prompt included, so
+    how far training moves them decides how well "on the left" is still followed. Scoring the
+    described-in-words reference through them measures that, apart from what the mapper's words say."""
+    def generate_through_copies(prompt: str) -> np.ndarray:
+        with elite_attention(components.unet, mapper):
+            return generate(prompt)
+    return generate_through_copies
+
+
 def score(generate: Generate, judge: ToyJudge, concepts=CONCEPTS, samples: int = 4,
           metrics: MetricModels | None = None, progress: bool = False) -> dict:
     """The toy judge's fidelity and editability of a method (see the module doc), and with `metrics`
@@ -152,6 +169,45 @@ def score(generate: Generate, judge: ToyJudge, concepts=CONCEPTS, samples: int =
     return {"summary": summary, "concepts": rows}
 
 
+def sayable_objects() -> list[ToyObject]:
+    """Twenty objects the toy language can say, one per shape and pattern, the colours in turn: the
+    kind of object the mapper is trained on, in the setting of a concept's first view (centre, large)."""
+    colours = list(COLOURS)
+    return [ToyObject(shape, colours[(s + 3 * p) % len(colours)], pattern)
+            for s, shape in enumerate(SHAPES) for p, pattern in enumerate(PATTERNS)]
+
+
+def _attribute_agreement(judge: ToyJudge, images: np.ndarray, objects: list[ToyObject]) -> dict[str, float]:
+    """The fraction of `images` (objects x samples, object-major) whose shape, colour and pattern the
+    judge reads as their object's; `fidelity` is their mean."""
+    predictions, samples = judge.predict(images), len(images) // len(objects)
+    agreement = {name: round(float(np.mean([predicted == getattr(objects[k // samples], name)
+                                            for k, predicted in enumerate(predictions[name])])), 3)
+                 for name in IDENTITY}
+    agreement["fidelity"] = round(float(np.mean(list(agreement.values()))), 3)
+    return agreement
+
+
+@torch.no_grad()
+def sayable_fidelity(pipe: ELITEPipeline, judge: ToyJudge, samples: int = 4, seed: int = 0) -> dict[str, dict]:
+    """Fidelity on `sayable_objects`, scored against what each object is (not the judge's reading of it),
+    for "a photo of a S" with w0, with all five words, and with the object said in words by the plain
+    model. The personal concepts are new to the mapper; these are not, so a mapper that misses them
+    too fails at reading its input, not at generalising from it."""
+    pipe.sd_pipeline.set_progress_bar_config(disable=True)
+    objects = sayable_objects()
+    concepts = [pipe.encode(Image.fromarray(render(SceneSpec((obj,)))[0])) for obj in objects]
+    report = {}
+    for name, token_index in (("w0", 0), ("all words", "full")):
+        output = pipe(["a photo of a S"] * len(objects), concepts, token_index=token_index, output_type="np",
+                      generator=torch.Generator().manual_seed(seed), num_images_per_prompt=samples)
+        report[name] = _attribute_agreement(judge, _images(output), objects)
+    said = [described({"colour": o.colour, "pattern": o.pattern, "shape": o.shape}) for o in objects]
+    plain = words_generator(pipe.components, said, samples, seed, pipe.defaults)
+    report["said in words"] = _attribute_agreement(judge, plain("a photo of a S"), objects)
+    return report
+
+
 @torch.no_grad()
 def fidelity_and_editability(pipe: ELITEPipeline, judge: ToyJudge, concepts=CONCEPTS, samples: int = 4,
                              seed: int = 0, local_scale: float = 0.8) -> dict:
@@ -169,6 +225,16 @@ def fidelity_and_editability(pipe: ELITEPipeline, judge: ToyJudge, concepts=CONC
     summary["fidelity_gain_over_baseline"] = round(summary["fidelity"] - summary["baseline_fidelity"], 3)
     return {"summary": summary, "concepts": rows, "samples_per_prompt": samples, "steps": pipe.defaults.num_inference_steps,
             "guidance_scale": pipe.defaults.guidance_scale, "local_scale": local_scale if pipe.local_mapper is not None else None}
+
+
+@torch.no_grad()
+def word_norms(pipe: ELITEPipeline, concepts=CONCEPTS) -> dict[str, list[float] | float]:
+    """The mean L2 norm of each word w0..w4 over the concepts (first views), beside the mean and the
+    largest norm of the text encoder's token embeddings: how far from the vocabulary the words sit."""
+    words = torch.stack([pipe.encode(*concept_views(c)[0]).words for c in concepts])  # (concepts, 5, width)
+    vocabulary = pipe.components.text_encoder.get_input_embeddings().weight.norm(dim=-1)
+    return {"words": [round(float(n), 3) for n in words.norm(dim=-1).mean(dim=0)],
+            "vocabulary_mean": round(float(vocabulary.mean()), 3), "vocabulary_max": round(float(vocabulary.max()), 3)}
 
 
 def encode_milliseconds(pipe: ELITEPipeline, repeats: int = 20) -> float:
@@ -193,6 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="the README's figures are from the CPU (fp32 either way)")
     parser.add_argument("--described", action="store_true",
                         help="also score the reference that writes the judge's reading of each concept in words")
+    parser.add_argument("--sayable", action="store_true",
+                        help="also score the mapper on objects the toy language can say (see sayable_fidelity)")
     args = parser.parse_args(argv)
     components = load_components("toy", device=args.device, dtype=torch.float32)
     local_mapper = LocalMapper.from_pretrained(args.local_mapper) if args.local_mapper else None
@@ -200,10 +268,16 @@ def main(argv: list[str] | None = None) -> None:
     judge = ToyJudge.from_pretrained(JUDGE_FOLDER).eval()
     report = fidelity_and_editability(pipe, judge, samples=args.samples, seed=args.seed, local_scale=args.local_scale)
     report["encode_ms_cpu"] = encode_milliseconds(pipe)
+    report["word_norms"] = word_norms(pipe)
     if args.described:
         reference = score(described_generator(components, judge, samples=args.samples, seed=args.seed), judge,
                           samples=args.samples)
         report["described_in_words"] = reference["summary"]
+        through = through_key_values(described_generator(components, judge, samples=args.samples, seed=args.seed),
+                                     components, pipe.global_mapper)
+        report["described_in_words_through_the_mapper_key_values"] = score(through, judge, samples=args.samples)["summary"]
+    if args.sayable:
+        report["sayable_objects"] = sayable_fidelity(pipe, judge, samples=args.samples, seed=args.seed)
     print(json.dumps(report, indent=1))
 
 

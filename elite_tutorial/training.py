@@ -65,6 +65,7 @@ class _Recipe:
     learning_rate: float            # per sample: scaled by batch * accumulation * processes, as the authors
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
+    key_value_lr_scale: float = 1.0 # the k/v copies' learning rate / the mapping MLPs' (0: kept frozen)
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     validate_every: int = 500
@@ -203,7 +204,8 @@ def _resume(out: Path, mapper: GlobalMapper | LocalMapper, optimizer, recipe, de
     latest = checkpoints[-1]
     log = json.loads((latest / "log.json").read_text())
     if log["recipe"] != asdict(recipe):
-        changed = sorted(k for k in log["recipe"] if log["recipe"][k] != asdict(recipe).get(k))
+        changed = sorted(k for k in log["recipe"].keys() | asdict(recipe).keys()
+                         if log["recipe"].get(k) != asdict(recipe).get(k))
         raise ValueError(f"{latest} was trained with another recipe (differs in {changed}); resume with the same "
                          "options, or start a new output folder.")
     state = type(mapper).from_pretrained(latest / "mapper").state_dict()
@@ -293,8 +295,9 @@ def _train(
     """
     accelerator = Accelerator(gradient_accumulation_steps=recipe.gradient_accumulation, mixed_precision=mixed_precision)
     scale = recipe.batch_size * recipe.gradient_accumulation * accelerator.num_processes
-    trainable = [p for p in mapper.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=recipe.learning_rate * scale, weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.AdamW(_parameter_groups(mapper, recipe.learning_rate * scale, recipe.key_value_lr_scale),
+                                  weight_decay=recipe.weight_decay)
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
     start, history = 0, []
     if resume:
         start, history = _resume(out, mapper, optimizer, recipe, accelerator.device)
@@ -345,6 +348,22 @@ def _train(
             path.write_text(json.dumps(log))
     accelerator.wait_for_everyone()
     return mapper
+
+
+def _parameter_groups(mapper: GlobalMapper | LocalMapper, learning_rate: float, key_value_lr_scale: float) -> list[dict]:
+    """AdamW groups: the mapping MLPs at `learning_rate`, the k/v copies at `key_value_lr_scale` times
+    it. A scale of 0 freezes the copies (they stay the UNet's own) and leaves them out of the optimizer."""
+    if key_value_lr_scale == 0:
+        for name in (f"to_k_{mapper.branch}", f"to_v_{mapper.branch}"):
+            getattr(mapper, name).requires_grad_(False)
+    mappings, copies = [], []
+    for name, parameter in mapper.named_parameters():
+        if parameter.requires_grad:
+            (copies if name.startswith(("to_k_", "to_v_")) else mappings).append(parameter)
+    groups = [{"params": mappings, "lr": learning_rate}]
+    if copies:
+        groups.append({"params": copies, "lr": learning_rate * key_value_lr_scale})
+    return groups
 
 
 def _fresh_mapper(mapper_class, components: Components, seed: int):

@@ -1,13 +1,20 @@
 """The toy comparison table: every method scored on the same protocol, reproducible from its seed; the
-reference that describes each concept in words."""
+reference that describes each concept in words, plain and through a mapper's k/v copies."""
+import numpy as np
+import pytest
+import torch
+
 from elite_tutorial import load_components
 from elite_tutorial.comparison import METHODS, compare, table
 from elite_tutorial.components import ASSETS_DIR
-from elite_tutorial.evaluation import (JUDGE_FOLDER, class_word_generator, concept_identity, described,
-                                       described_generator, score)
+from elite_tutorial.evaluation import (JUDGE_FOLDER, _attribute_agreement, class_word_generator, concept_identity,
+                                       described, described_generator, sayable_fidelity, sayable_objects, score,
+                                       through_key_values, word_norms)
 from elite_tutorial.mappers import GlobalMapper, LocalMapper
-from elite_tutorial.toyworld.concepts import CONCEPTS, concept_by_name
+from elite_tutorial.pipeline import ELITEPipeline
+from elite_tutorial.toyworld.concepts import CONCEPTS, concept_by_name, concept_views
 from elite_tutorial.toyworld.judge import ToyJudge
+from elite_tutorial.toyworld.render import COLOURS, PATTERNS, SHAPES, ToyObject
 
 
 def test_a_rerun_with_the_same_seed_gives_the_same_table():
@@ -42,3 +49,55 @@ def test_the_concept_described_in_words_beats_its_class_word():
 def test_description_follows_the_training_captions():
     assert described({"colour": "green", "pattern": "dotted", "shape": "circle"}) == "green dotted circle"
     assert described({"colour": "red", "pattern": "solid", "shape": "heart"}) == "red heart"
+
+
+def test_words_drawn_through_the_mapper_key_values_change_only_with_the_copies():
+    """Copies equal to the UNet's own draw what the plain model draws; changed copies draw otherwise."""
+    components = load_components("toy", device="cpu")
+    plain = class_word_generator(components, CONCEPTS[:2], samples=1)
+    mapper = GlobalMapper.from_components(components)
+    reference = plain("a photo of a S").astype(int)
+    assert np.abs(through_key_values(plain, components, mapper)("a photo of a S") - reference).max() <= 1
+    with torch.no_grad():
+        for to_v in mapper.to_v_global.values():
+            to_v.weight.mul_(0.5)
+    assert np.abs(through_key_values(plain, components, mapper)("a photo of a S") - reference).mean() > 5
+
+
+def test_sayable_objects_cover_every_shape_and_pattern():
+    objects = sayable_objects()
+    assert {(o.shape, o.pattern) for o in objects} == {(s, p) for s in SHAPES for p in PATTERNS}
+    assert len({o.colour for o in objects}) == len(COLOURS)
+
+
+class _FixedJudge:
+    """Reads every image as a red dotted circle."""
+
+    def predict(self, images):
+        return {"shape": ["circle"] * len(images), "colour": ["red"] * len(images), "pattern": ["dotted"] * len(images)}
+
+
+def test_attribute_agreement_scores_each_image_against_its_own_object():
+    objects = [ToyObject("circle", "red", "dotted"), ToyObject("star", "red", "solid")]
+    agreement = _attribute_agreement(_FixedJudge(), np.zeros((4, 8, 8, 3), np.uint8), objects)  # 2 samples each
+    assert agreement == {"shape": 0.5, "colour": 1.0, "pattern": 0.5, "fidelity": pytest.approx(2 / 3, abs=1e-3)}
+
+
+def test_sayable_fidelity_reads_the_objects_said_in_words_as_themselves():
+    """The plain model draws the objects it is told: a check that images and objects stay paired."""
+    pipe = ELITEPipeline(load_components("toy", device="cpu"), GlobalMapper.from_pretrained(ASSETS_DIR / "toy-global-mapper"))
+    report = sayable_fidelity(pipe, ToyJudge.from_pretrained(JUDGE_FOLDER).eval(), samples=1)
+    assert set(report) == {"w0", "all words", "said in words"}
+    assert report["said in words"]["shape"] >= 0.8 and report["said in words"]["fidelity"] >= 0.7
+    assert all(0 <= value <= 1 for scores in report.values() for value in scores.values())
+
+
+def test_word_norms_measure_each_word_beside_the_vocabulary():
+    components = load_components("toy", device="cpu")
+    pipe = ELITEPipeline(components, GlobalMapper.from_pretrained(ASSETS_DIR / "toy-global-mapper"))
+    norms = word_norms(pipe, CONCEPTS[:2])
+    words = torch.stack([pipe.encode(*concept_views(c)[0]).words for c in CONCEPTS[:2]])
+    assert norms["words"][0] == round(float(words[:, 0].norm(dim=-1).mean()), 3) and len(norms["words"]) == 5
+    embeddings = components.text_encoder.get_input_embeddings().weight.norm(dim=-1)
+    assert norms["vocabulary_mean"] == round(float(embeddings.mean()), 3) > 0
+    assert norms["vocabulary_max"] == round(float(embeddings.max()), 3) >= norms["vocabulary_mean"]

@@ -18,7 +18,7 @@ from elite_tutorial.data import (
     load_mask,
     toy_prompt_with_placeholder,
 )
-from elite_tutorial.toyworld.render import random_spec
+from elite_tutorial.toyworld.render import POSITION_PHRASES, random_spec
 
 
 def test_every_pil_mode_becomes_8_bit_rgb():
@@ -86,6 +86,21 @@ def test_augmentation_and_toy_prompts_are_functions_of_the_rng():
     batch = ToyWorldSource(clip_size=32).batch(np.random.default_rng(3), 4)
     assert batch["pixel_values"].shape == (4, 3, 64, 64) and batch["clip_pixels"].shape == (4, 3, 32, 32)
     assert -1 <= batch["pixel_values"].min() and batch["pixel_values"].max() <= 1
+
+
+def test_toy_context_probability_says_size_position_and_background_always_or_never():
+    specs = [random_spec(np.random.default_rng(seed), 0.0) for seed in range(30)]
+    always = [toy_prompt_with_placeholder(spec, np.random.default_rng(seed), context_probability=1.0)
+              for seed, spec in enumerate(specs)]
+    never = [toy_prompt_with_placeholder(spec, np.random.default_rng(seed), context_probability=0.0)
+             for seed, spec in enumerate(specs)]
+    for spec, said, unsaid in zip(specs, always, never):
+        obj = spec.objects[0]
+        assert f"{obj.size} S" in said and POSITION_PHRASES[obj.position] in said and f"{spec.background} background" in said
+        assert unsaid.endswith("a S") and "background" not in unsaid
+        assert said.replace(f" {obj.size} S", " S").split(" S")[0] == unsaid.split(" S")[0]  # the same prefix drawn
+    source = ToyWorldSource(clip_size=32, context_probability=1.0)
+    assert all("background" in prompt for prompt in source.batch(np.random.default_rng(3), 4)["prompts"])
 
 
 def make_openimages_folder(root, boxes=6):

@@ -10,7 +10,7 @@ from accelerate.state import AcceleratorState
 from elite_tutorial.cli import main as elite_train
 from elite_tutorial.data import OpenImagesSource, ToyWorldSource
 from elite_tutorial.mappers import GlobalMapper
-from elite_tutorial.training import PROFILES, train_global
+from elite_tutorial.training import PROFILES, _fresh_mapper, _parameter_groups, train_global
 from test_data import make_openimages_folder
 
 RECIPE = replace(PROFILES["smoke"], steps=4, checkpoint_every=1, keep_checkpoints=2, validate_every=4)
@@ -66,6 +66,17 @@ def test_one_word_ablation_trains_only_w0(tiny, tmp_path):
     fresh = GlobalMapper.from_components(tiny)  # same seed: the same initial weights
     assert not torch.equal(mapper.mapping[0][0].weight, fresh.mapping[0][0].weight)
     assert torch.equal(mapper.mapping[3][0].weight, fresh.mapping[3][0].weight)
+
+
+def test_key_value_lr_scale_sets_the_copies_rate_and_zero_keeps_them_the_unets(tiny, tmp_path):
+    fresh = state(_fresh_mapper(GlobalMapper, tiny, RECIPE.seed))  # the run's initial weights
+    frozen = state(train_global(tiny, source(), tmp_path / "frozen", replace(RECIPE, key_value_lr_scale=0.0)))
+    copies = [k for k in fresh if k.startswith(("to_k_global", "to_v_global"))]
+    assert copies and all(torch.equal(frozen[k], fresh[k]) for k in copies)
+    assert any(not torch.equal(frozen[k], fresh[k]) for k in fresh if k not in copies)
+    slow = _parameter_groups(GlobalMapper.from_components(tiny), 1e-3, 0.1)
+    assert [group["lr"] for group in slow] == [1e-3, pytest.approx(1e-4)]
+    assert len(slow[1]["params"]) == len(copies)
 
 
 def test_the_command_trains_on_an_openimages_folder(tmp_path):

@@ -270,11 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     report["encode_ms_cpu"] = encode_milliseconds(pipe)
     report["word_norms"] = word_norms(pipe)
     if args.described:
-        reference = score(described_generator(components, judge, samples=args.samples, seed=args.seed), judge,
-                          samples=args.samples)
-        report["described_in_words"] = reference["summary"]
-        through = through_key_values(described_generator(components, judge, samples=args.samples, seed=args.seed),
-                                     components, pipe.global_mapper)
+        reference = described_generator(components, judge, samples=args.samples, seed=args.seed)  # seeded per call
+        report["described_in_words"] = score(reference, judge, samples=args.samples)["summary"]
+        through = through_key_values(reference, components, pipe.global_mapper)
         report["described_in_words_through_the_mapper_key_values"] = score(through, judge, samples=args.samples)["summary"]
     if args.sayable:
         report["sayable_objects"] = sayable_fidelity(pipe, judge, samples=args.samples, seed=args.seed)

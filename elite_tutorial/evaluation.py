@@ -189,13 +189,14 @@ def _attribute_agreement(judge: ToyJudge, images: np.ndarray, objects: list[ToyO
 
 
 @torch.no_grad()
-def sayable_fidelity(pipe: ELITEPipeline, judge: ToyJudge, samples: int = 4, seed: int = 0) -> dict[str, dict]:
-    """Fidelity on `sayable_objects`, scored against what each object is (not the judge's reading of it),
-    for "a photo of a S" with w0, with all five words, and with the object said in words by the plain
-    model. The personal concepts are new to the mapper; these are not, so a mapper that misses them
-    too fails at reading its input, not at generalising from it."""
+def sayable_fidelity(pipe: ELITEPipeline, judge: ToyJudge, samples: int = 4, seed: int = 0,
+                     objects: list[ToyObject] | None = None) -> dict[str, dict]:
+    """Fidelity on `objects` (default: `sayable_objects()`), scored against what each object is (not the
+    judge's reading of it), for "a photo of a S" with w0, with all five words, and with the object said
+    in words by the plain model. The personal concepts are new to the mapper; these are not, so a mapper
+    that misses them too fails at reading its input, not at generalising from it."""
     pipe.sd_pipeline.set_progress_bar_config(disable=True)
-    objects = sayable_objects()
+    objects = sayable_objects() if objects is None else objects
     concepts = [pipe.encode(Image.fromarray(render(SceneSpec((obj,)))[0])) for obj in objects]
     report = {}
     for name, token_index in (("w0", 0), ("all words", "full")):

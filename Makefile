@@ -22,13 +22,11 @@ course: $(STAMP)
 	ELITE_PRESET=$${ELITE_PRESET:-toy} $(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --notebook-dir=notebooks \
 		$$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
-# One process per core, each on one thread (more threads than cores thrash). A file's tests stay in one
-# process, and a notebook's cells in one kernel, in order.
+# --durations: where the time goes, in every run's log
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --dist loadfile --durations=10 tests
+	$(BIN)/python -m pytest --durations=10 tests
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
-		ELITE_PRESET=toy OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --dist loadscope --durations=10 \
-			--nbval --nbval-current-env \
+		ELITE_PRESET=toy $(BIN)/python -m pytest --durations=10 --nbval --nbval-current-env \
 			--nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider notebooks; \
 	else echo "no notebooks to check"; fi
 

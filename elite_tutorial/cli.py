@@ -20,18 +20,18 @@ from pathlib import Path
 import torch
 
 from .components import load_components
-from .data import OpenImagesMaskSource, OpenImagesSource, ToyWorldSource
+from .data import GLOBAL_VIEWS, OpenImagesMaskSource, OpenImagesSource, ToyWorldSource
 from .mappers import GlobalMapper
 from .training import LOCAL_PROFILES, PROFILES, recipe_with, train_global, train_local
 
 
-def _source(data: str, components, stage: str, context_probability: float = 0.5):
+def _source(data: str, components, stage: str, context_probability: float = 0.5, global_view: str = "image"):
     clip_size = components.image_encoder.config.image_size
     latent_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
     resolution = components.unet.config.sample_size * latent_factor
     if data == "toy":
         return ToyWorldSource(clip_size=clip_size, image_size=resolution, latent_factor=latent_factor,
-                              context_probability=context_probability)
+                              context_probability=context_probability, global_view=global_view)
     if stage == "local":
         return OpenImagesMaskSource(Path(data), resolution=resolution, clip_size=clip_size, latent_factor=latent_factor)
     return OpenImagesSource(Path(data), resolution=resolution, clip_size=clip_size)
@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     stage.add_argument("--reg-weight", type=float, help="weight of mean |words| (0 for the ablation)")
     stage.add_argument("--toy-context-probability", type=float, default=0.5,
                        help="toy data: how often a caption says the object's size, its position and the background")
+    stage.add_argument("--object-loss-weight", type=float,
+                       help="weight of the object's pixels in the diffusion loss, the rest 1 (toy data; default 1)")
+    stage.add_argument("--toy-global-view", choices=GLOBAL_VIEWS, default="image",
+                       help="toy data: what the image encoder sees, the whole scene or the object alone (cut out by its mask)")
     stage = stages.add_parser("local", help="stage 2: the local mapping network (+ local k/v copies)")
     _common_options(stage, LOCAL_PROFILES)
     stage.add_argument("--global-mapper", required=True, type=Path, help="the trained global mapper's folder (frozen)")
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
                      learning_rate=args.learning_rate, reg_weight=args.reg_weight, seed=args.seed,
                      key_value_lr_scale=args.key_value_lr_scale)
     if args.stage == "global":
-        overrides["num_words"] = args.num_words
+        overrides.update(num_words=args.num_words, object_loss_weight=args.object_loss_weight)
     recipe = recipe_with(args.profile, args.stage, **overrides)
     # frozen models in the compute dtype; the mapper keeps fp32 weights (autocast does the rest)
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
@@ -83,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     options = dict(resume=args.resume == "latest", mixed_precision=args.mixed_precision,
                    gradient_checkpointing=args.gradient_checkpointing, data_workers=args.data_workers,
                    command=" ".join(["elite-train", *(sys.argv[1:] if argv is None else argv)]))
-    source = _source(args.data, components, args.stage, getattr(args, "toy_context_probability", 0.5))
+    source = _source(args.data, components, args.stage, getattr(args, "toy_context_probability", 0.5),
+                     getattr(args, "toy_global_view", "image"))
     if args.stage == "global":
         mapper = train_global(components, source, args.out, recipe, **options)
     else:

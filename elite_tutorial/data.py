@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFilter, UnidentifiedImageError
 
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
@@ -36,6 +37,9 @@ IMAGENET_TEMPLATES = (
 )
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
+
+# What a global mapper reads of a concept image: the whole image (the authors'), or the object alone.
+GLOBAL_VIEWS = ("image", "object")
 
 
 def clip_normalise(pixels01: torch.Tensor) -> torch.Tensor:
@@ -140,6 +144,23 @@ def augment_for_clip(image: Image.Image, size: int, rng: np.random.Generator) ->
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
 
 
+def object_crop(image: Image.Image, mask: np.ndarray, margin: float = 0.25) -> Image.Image:
+    """The object alone (background pixels black), cropped to a square centred on its mask's box,
+    `margin` wider than the box's longer side (areas beyond the image stay black).
+
+    What a global mapper with `input_view="object"` reads: the object fills the encoder's view, so
+    its shape spans many patches, and nothing of the background or the object's place is left for
+    the words to carry. mask: (H, W) bool, True on the object, at the image's size.
+    """
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        raise ValueError("The mask is empty: it marks no object pixels.")
+    centre_x, centre_y = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+    side = round(max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) * (1 + margin))
+    left, top = int(np.floor(centre_x - side / 2)), int(np.floor(centre_y - side / 2))
+    return Image.fromarray((np.asarray(image) * mask[..., None]).astype(np.uint8)).crop((left, top, left + side, top + side))
+
+
 def _to_unit_range(image: Image.Image, size: int) -> torch.Tensor:
     """The UNet's target image: (3, size, size) in [-1, 1]."""
     pixels = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
@@ -149,8 +170,11 @@ def _to_unit_range(image: Image.Image, size: int) -> torch.Tensor:
 class TrainingSource(Protocol):
     """Where training samples come from. `batch` is a pure function of `rng` (exact resume)."""
 
+    global_view: str  # what `clip_pixels` shows of an image: one of GLOBAL_VIEWS
+
     def batch(self, rng: np.random.Generator, size: int) -> dict:
-        """`pixel_values` (B, 3, R, R) in [-1, 1]; `clip_pixels` (B, 3, S, S) in [0, 1]; `prompts`."""
+        """`pixel_values` (B, 3, R, R) in [-1, 1]; `clip_pixels` (B, 3, S, S) in [0, 1]; `prompts`;
+        where the source knows its objects, `target_object_mask` (B, 1, R, R) in [0, 1]."""
 
     def validation_images(self) -> list[Image.Image]:
         """A few fixed images to show what the mapper makes of them during training."""
@@ -160,8 +184,9 @@ class LocalTrainingSource(Protocol):
     """Where stage-2 samples come from (see `training.local_step_losses` for the batch)."""
 
     def local_batch(self, rng: np.random.Generator, size: int, scale_augmentation: bool = True) -> dict:
-        """`pixel_values`, `valid_mask`, `clip_pixels`, `object_pixels`, `object_mask`, `prompts`;
-        targets scale-augmented (`scale_augment`) unless `scale_augmentation` is False."""
+        """`pixel_values`, `valid_mask`, `clip_pixels`, `object_crop_pixels`, `object_pixels`,
+        `object_mask`, `prompts`; targets scale-augmented (`scale_augment`) unless
+        `scale_augmentation` is False."""
 
     def validation_concepts(self) -> list[tuple[Image.Image, np.ndarray]]:
         """A few fixed (image, mask) pairs to show what the mappers make of them during training."""
@@ -186,26 +211,37 @@ def toy_prompt_with_placeholder(spec, rng: np.random.Generator, placeholder: str
 
 
 class ToyWorldSource:
-    """Single-object toy scenes drawn on the fly; validation shows the held-out personal concepts."""
+    """Single-object toy scenes drawn on the fly; validation shows the held-out personal concepts.
 
-    def __init__(self, clip_size: int, image_size: int = 64, latent_factor: int = 4, context_probability: float = 0.5):
+    `global_view`: what the global mapper's encoder sees of a scene: "image", the whole scene, or
+    "object", the object alone (`object_crop`). The UNet's target is the whole scene either way.
+    """
+
+    def __init__(self, clip_size: int, image_size: int = 64, latent_factor: int = 4, context_probability: float = 0.5,
+                 global_view: str = "image"):
+        if global_view not in GLOBAL_VIEWS:
+            raise ValueError(f"global_view must be one of {GLOBAL_VIEWS}, not {global_view!r}.")
         self.clip_size, self.image_size, self.latent_factor = clip_size, image_size, latent_factor
-        self.context_probability = context_probability
+        self.context_probability, self.global_view = context_probability, global_view
 
     def batch(self, rng: np.random.Generator, size: int) -> dict:
         from .toyworld.render import random_scene  # noqa: PLC0415
 
         scenes = [random_scene(int(seed), two_object_probability=0.0) for seed in rng.integers(0, 10**9, size)]
         images = [Image.fromarray(s.image) for s in scenes]
+        seen = images if self.global_view == "image" else [object_crop(i, s.masks[0]) for i, s in zip(images, scenes)]
+        masks = torch.from_numpy(np.stack([s.masks[0] for s in scenes])[:, None].astype(np.float32))
         return {"pixel_values": torch.stack([_to_unit_range(i, self.image_size) for i in images]),
-                "clip_pixels": torch.stack([augment_for_clip(i, self.clip_size, rng) for i in images]),
+                "target_object_mask": F.adaptive_avg_pool2d(masks, self.image_size),
+                "clip_pixels": torch.stack([augment_for_clip(i, self.clip_size, rng) for i in seen]),
                 "prompts": [toy_prompt_with_placeholder(s.spec, rng, context_probability=self.context_probability)
                             for s in scenes]}
 
     def local_batch(self, rng: np.random.Generator, size: int, scale_augmentation: bool = True) -> dict:
         """A stage-2 batch (see `train_local`): the scene, scale-augmented unless `scale_augmentation` is
-        False, as the UNet's target, with its valid-region mask; the whole scene for the global words;
-        the object alone for the local tokens, with its mask; captions with the scale phrase."""
+        False, as the UNet's target, with its valid-region mask; the whole scene and the object cut
+        out (`object_crop`) for the global words; the object alone for the local tokens, with its
+        mask; captions with the scale phrase."""
         from .toyworld.render import random_scene  # noqa: PLC0415
 
         scenes = [random_scene(int(seed), two_object_probability=0.0) for seed in rng.integers(0, 10**9, size)]
@@ -221,6 +257,8 @@ class ToyWorldSource:
             prompts.append(with_scale_phrase(toy_prompt_with_placeholder(scene.spec, rng), phrase))
         return {"pixel_values": torch.stack(targets), "valid_mask": torch.stack(valid),
                 "clip_pixels": torch.stack([unit_pixels(Image.fromarray(s.image), self.clip_size) for s in scenes]),
+                "object_crop_pixels": torch.stack([unit_pixels(object_crop(Image.fromarray(s.image), s.masks[0]), self.clip_size)
+                                                   for s in scenes]),
                 "object_pixels": torch.stack(object_pixels), "object_mask": torch.stack(object_masks),
                 "prompts": prompts}
 
@@ -338,6 +376,8 @@ class OpenImagesSource:
     Unreadable images are skipped and counted (`skipped`), never turned into blank samples.
     """
 
+    global_view = "image"  # the box is the whole training image, as the authors'
+
     def __init__(self, root: str | os.PathLike, split: str = "test", resolution: int = 512, clip_size: int = 224):
         self.root, self.split = Path(root), split
         self.resolution, self.clip_size = resolution, clip_size
@@ -452,6 +492,7 @@ class OpenImagesMaskSource:
             prompts.append(with_scale_phrase(IMAGENET_TEMPLATES[rng.integers(len(IMAGENET_TEMPLATES))].format("S"), phrase))
         return {"pixel_values": torch.stack(targets), "valid_mask": torch.stack(valid),
                 "clip_pixels": torch.stack([unit_pixels(crop, self.clip_size) for crop, _ in samples]),
+                "object_crop_pixels": torch.stack([unit_pixels(object_crop(crop, mask), self.clip_size) for crop, mask in samples]),
                 "object_pixels": torch.stack(object_pixels), "object_mask": torch.stack(object_masks),
                 "prompts": prompts}
 

@@ -197,7 +197,8 @@ def sayable_fidelity(pipe: ELITEPipeline, judge: ToyJudge, samples: int = 4, see
     that misses them too fails at reading its input, not at generalising from it."""
     pipe.sd_pipeline.set_progress_bar_config(disable=True)
     objects = sayable_objects() if objects is None else objects
-    concepts = [pipe.encode(Image.fromarray(render(SceneSpec((obj,)))[0])) for obj in objects]
+    concepts = [pipe.encode(Image.fromarray(image), Image.fromarray(masks[0]))
+                for image, masks in (render(SceneSpec((obj,))) for obj in objects)]
     report = {}
     for name, token_index in (("w0", 0), ("all words", "full")):
         output = pipe(["a photo of a S"] * len(objects), concepts, token_index=token_index, output_type="np",
@@ -214,9 +215,10 @@ def fidelity_and_editability(pipe: ELITEPipeline, judge: ToyJudge, concepts=CONC
                              seed: int = 0, local_scale: float = 0.8) -> dict:
     """ELITE (w0) fidelity and editability vs the class-word baseline, over `concepts` (see module doc).
 
-    Each concept is encoded from its first view and that view's mask (the mask only feeds a local
-    mapper, when the pipeline has one, at λ = `local_scale`). Each prompt is generated for all
-    concepts in one batched call (`samples` images per concept).
+    Each concept is encoded from its first view and that view's mask (the mask feeds a global mapper
+    that reads the object alone, and a local mapper, when the pipeline has one, at λ =
+    `local_scale`). Each prompt is generated for all concepts in one batched call (`samples` images
+    per concept).
     """
     elite = score(elite_generator(pipe, concepts, samples, seed, local_scale), judge, concepts, samples)
     baseline = score(class_word_generator(pipe.components, concepts, samples, seed, pipe.defaults), judge, concepts, samples)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionModel
 
+from .data import GLOBAL_VIEWS
 from .storage import SafetensorsHubMixin, atomic_directory
 
 ELITE_LAYERS_OF_24 = (4, 8, 12, 16)
@@ -136,10 +137,11 @@ class _LevelMapper(nn.Module):
     # -- building ------------------------------------------------------------------------------------
 
     @classmethod
-    def from_components(cls, components, hidden_width: int | None = None):
+    def from_components(cls, components, hidden_width: int | None = None, **options):
         """A fresh mapper sized for `components`, its k/v copies initialised from the UNet's own.
 
-        `hidden_width` defaults to the vision width (1024 for sd14, as the authors).
+        `hidden_width` defaults to the vision width (1024 for sd14, as the authors); `options` go to
+        the class (`GlobalMapper`'s `input_view`).
         """
         vision_width = components.image_encoder.config.hidden_size
         layers = cross_attention_modules(components.unet)
@@ -148,6 +150,7 @@ class _LevelMapper(nn.Module):
             text_width=components.text_encoder.config.hidden_size,
             hidden_width=hidden_width or vision_width,
             attention_layers={attention_layer_key(n): [m.to_k.in_features, m.to_k.out_features] for n, m in layers.items()},
+            **options,
         )
         with torch.no_grad():
             for name, module in layers.items():
@@ -235,6 +238,17 @@ class GlobalMapper(_LevelMapper, SafetensorsHubMixin, paper_url="https://arxiv.o
     """
 
     branch = "global"
+
+    def __init__(self, vision_width: int = 1024, text_width: int = 768, hidden_width: int = 1024,
+                 num_levels: int = NUM_LEVELS, attention_layers: dict[str, list[int]] | None = None,
+                 input_view: str = "image"):
+        """`input_view` (saved in the config): what the mapper was trained to read of a concept image,
+        "image" (the whole image, as the authors' mapper) or "object" (`data.object_crop`: the
+        object alone, cut out by its mask); `ELITEPipeline.encode` shows it that view."""
+        super().__init__(vision_width, text_width, hidden_width, num_levels, attention_layers)
+        if input_view not in GLOBAL_VIEWS:
+            raise ValueError(f"input_view must be one of {GLOBAL_VIEWS}, not {input_view!r}.")
+        self.input_view = input_view
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """features: `num_levels` tensors (batch, 1 + patches, vision_width) in the order of

@@ -30,7 +30,7 @@ from PIL import Image
 from .attention import LocalTokens, elite_attention
 from .attention_maps import AttentionCapture
 from .components import Components
-from .data import ImageLike, clip_pixels, load_image, load_mask
+from .data import ImageLike, clip_pixels, load_image, load_mask, object_crop
 from .mappers import GlobalMapper, LocalMapper, clip_feature_levels, mask_local_tokens
 from .words import DEFAULT_PLACEHOLDER, encode_prompts_with_words, tokenize_with_placeholder
 
@@ -113,10 +113,11 @@ class ELITEPipeline:
         """Read a concept from one image (path, PIL image or array; any mode and size).
 
         `mask` (white = object; a mask of another size is resized to the image, with a warning; an
-        empty or unreadable mask raises ValueError) gates the local branch; the global
-        words read the whole image, as in the authors' code. With a `LocalMapper` and no mask, the
-        whole image counts as the object (with a warning): the local tokens then carry the
-        background too.
+        empty or unreadable mask raises ValueError) gates the local branch. The global words read
+        the view their mapper was trained on (`GlobalMapper.input_view`): the whole image, as in the
+        authors' code, or the object alone, cut out by the mask (`data.object_crop`; without a mask,
+        the whole image, with a warning). With a `LocalMapper` and no mask, the whole image counts as
+        the object (with a warning): the local tokens then carry the background too.
         """
         rgb = load_image(image)
         pixels = clip_pixels(rgb, self.image_size)
@@ -125,7 +126,7 @@ class ELITEPipeline:
         if full_mask is not None:
             side = (self.image_size, self.image_size)
             object_mask = torch.from_numpy(np.array(Image.fromarray(full_mask).resize(side, Image.Resampling.NEAREST)))
-        words = self.global_mapper(self._levels(pixels))[0]
+        words = self.global_mapper(self._levels(self._global_view(rgb, pixels, full_mask)))[0]
         local_tokens = None
         if self.local_mapper is not None:
             if full_mask is None:
@@ -137,6 +138,16 @@ class ELITEPipeline:
             grid_mask = torch.from_numpy(full_mask)[None].to(tokens.device)
             local_tokens = mask_local_tokens(tokens, grid_mask)[0]
         return Concept(words=words, pixel_values=pixels, mask=object_mask, local_tokens=local_tokens)
+
+    def _global_view(self, rgb: Image.Image, pixels: torch.Tensor, mask: np.ndarray | None) -> torch.Tensor:
+        """The CLIP input (3, S, S) of the global mapper: `pixels` (the whole image) or the object alone."""
+        if self.global_mapper.input_view == "image":
+            return pixels
+        if mask is None:
+            warnings.warn("This global mapper was trained on the object alone; without a mask it reads the "
+                          "whole image. Pass the object's mask to encode().", stacklevel=3)
+            return pixels
+        return clip_pixels(object_crop(rgb, mask), self.image_size)
 
     def _levels(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         """(3, S, S) CLIP input -> the 5 feature levels (1, 1 + patches, vision_width)."""

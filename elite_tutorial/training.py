@@ -78,6 +78,7 @@ class GlobalRecipe(_Recipe):
 
     num_words: int = 5              # words injected at the placeholder in training (w0..w{n-1})
     reg_weight: float = 0.01        # weight of mean |words|
+    object_loss_weight: float = 1.0 # weight of the object's latent pixels in loss_mle, the rest 1 (1: the authors' mean)
 
 
 PROFILES = {
@@ -137,15 +138,24 @@ def training_step_losses(components: Components, mapper: GlobalMapper, batch: di
     """The two losses of one (micro-)batch. ELITE's processors must be installed on the UNet.
 
     batch: `pixel_values` (B, 3, H, W) in [-1, 1] (the UNet's target image), `clip_pixels`
-    (B, 3, S, S) in [0, 1] (the augmented image for CLIP), `prompts` (B strings with `S`).
+    (B, 3, S, S) in [0, 1] (the augmented image for CLIP), `prompts` (B strings with `S`), and
+    for `recipe.object_loss_weight` != 1, `target_object_mask` (B, 1, H, W) in [0, 1].
     """
     c = components
     noisy, noise, timesteps = _noised_latents(c, batch["pixel_values"], noise_scheduler, generator)
     words = mapper(_levels(c, batch["clip_pixels"]))[:, : recipe.num_words]
     context = encode_prompts_with_words(batch["prompts"], words.to(c.text_encoder.dtype), c.tokenizer, c.text_encoder)
     prediction = c.unet(noisy, timesteps, encoder_hidden_states=context).sample
-    return {"loss_mle": F.mse_loss(prediction.float(), noise.float()),
-            "loss_reg": recipe.reg_weight * words.abs().mean()}
+    squared = (prediction.float() - noise.float()).square()
+    if recipe.object_loss_weight == 1:
+        loss_mle = squared.mean()
+    else:  # a weighted mean per sample: the object's pixels count `object_loss_weight` times
+        if "target_object_mask" not in batch:
+            raise ValueError("object_loss_weight needs object masks; this training source gives none.")
+        share = F.adaptive_avg_pool2d(batch["target_object_mask"].to(squared.device, torch.float32), squared.shape[-2:])
+        weight = 1 + (recipe.object_loss_weight - 1) * share  # (B, 1, h, w): the object's share of each latent pixel
+        loss_mle = ((squared * weight).sum((1, 2, 3)) / (weight.sum((1, 2, 3)) * squared.shape[1])).mean()
+    return {"loss_mle": loss_mle, "loss_reg": recipe.reg_weight * words.abs().mean()}
 
 
 def local_step_losses(components: Components, global_mapper: GlobalMapper, local_mapper: LocalMapper, batch: dict,
@@ -153,19 +163,22 @@ def local_step_losses(components: Components, global_mapper: GlobalMapper, local
     """The two stage-2 losses of one (micro-)batch. ELITE's processors, with the local mapper's
     copies, must be installed on the UNet.
 
-    w0 from the frozen global mapper (of the whole image) goes in at the placeholder; the local
+    w0 from the frozen global mapper (of the view it was trained on: the whole image or the object
+    alone, `GlobalMapper.input_view`) goes in at the placeholder; the local
     tokens of the object alone, masked, go through the local branch at λ = `recipe.local_scale`.
     loss_mle: squared noise error summed over latent channels and averaged over the valid region
     of the scale augmentation (the authors' normalisation); loss_reg: `reg_weight` x mean |local
     values| (the local `to_v` outputs), averaged over the layers.
 
     batch: `pixel_values` (B, 3, H, W) in [-1, 1], `valid_mask` (B, 1, h, w) at latent size,
-    `clip_pixels` and `object_pixels` (B, 3, S, S) in [0, 1], `object_mask` (B, S, S), `prompts`.
+    `clip_pixels`, `object_crop_pixels` (`data.object_crop`) and `object_pixels` (B, 3, S, S) in
+    [0, 1], `object_mask` (B, S, S), `prompts`.
     """
     c = components
     noisy, noise, timesteps = _noised_latents(c, batch["pixel_values"], noise_scheduler, generator)
     with torch.no_grad():
-        w0 = global_mapper(_levels(c, batch["clip_pixels"]))[:, :1]
+        global_view = batch["clip_pixels"] if global_mapper.input_view == "image" else batch["object_crop_pixels"]
+        w0 = global_mapper(_levels(c, global_view))[:, :1]
         context = encode_prompts_with_words(batch["prompts"], w0.to(c.text_encoder.dtype), c.tokenizer, c.text_encoder)
     tokens = mask_local_tokens(local_mapper(_levels(c, batch["object_pixels"])), batch["object_mask"].to(c.device))
     _, primary = tokenize_with_placeholder(c.tokenizer, batch["prompts"], 1)
@@ -366,11 +379,11 @@ def _parameter_groups(mapper: GlobalMapper | LocalMapper, learning_rate: float, 
     return groups
 
 
-def _fresh_mapper(mapper_class, components: Components, seed: int):
+def _fresh_mapper(mapper_class, components: Components, seed: int, **options):
     """A new mapper for `components` whose initial weights follow `seed`, in fp32, trainable."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return mapper_class.from_components(components).float().train().requires_grad_(True)
+        return mapper_class.from_components(components, **options).float().train().requires_grad_(True)
 
 
 def train_global(
@@ -394,7 +407,8 @@ def train_global(
     components = components.to(PartialState().device)
     if gradient_checkpointing:  # the UNet's activations dominate the memory of a step
         components.unet.enable_gradient_checkpointing()
-    mapper = _fresh_mapper(GlobalMapper, components, recipe.seed)
+    # the mapper keeps the view of the image it was trained on, so the pipeline shows it the same
+    mapper = _fresh_mapper(GlobalMapper, components, recipe.seed, input_view=source.global_view)
     for level in range(recipe.num_words, mapper.num_levels):  # words never injected are not trained
         mapper.mapping[level].requires_grad_(False)
         mapper.mapping_patch[level].requires_grad_(False)

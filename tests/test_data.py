@@ -16,9 +16,10 @@ from elite_tutorial.data import (
     concept_folder,
     load_image,
     load_mask,
+    object_crop,
     toy_prompt_with_placeholder,
 )
-from elite_tutorial.toyworld.render import POSITION_PHRASES, random_spec
+from elite_tutorial.toyworld.render import POSITION_PHRASES, random_scene, random_spec
 
 
 def test_every_pil_mode_becomes_8_bit_rgb():
@@ -103,6 +104,39 @@ def test_toy_context_probability_says_size_position_and_background_always_or_nev
     assert all("background" in prompt for prompt in source.batch(np.random.default_rng(3), 4)["prompts"])
 
 
+def test_object_crop_is_the_object_alone_in_a_square_around_its_mask():
+    image = np.full((64, 64, 3), 90, np.uint8)
+    mask = np.zeros((64, 64), bool)
+    mask[10:30, 40:50] = True  # 20 tall, 10 wide; centre (x 45, y 20)
+    image[mask] = (200, 30, 10)
+    crop = object_crop(Image.fromarray(image), mask, margin=0.25)
+    assert crop.size == (25, 25)  # the longer side, 20, and a quarter more
+    pixels = np.asarray(crop)
+    object_pixels = np.all(pixels == (200, 30, 10), axis=-1)
+    assert object_pixels.sum() == mask.sum() and np.all(pixels[~object_pixels] == 0)  # the background blacked out
+    rows, cols = np.nonzero(object_pixels)
+    assert abs((rows.min() + rows.max() + 1) / 2 - 12.5) <= 0.5 and abs((cols.min() + cols.max() + 1) / 2 - 12.5) <= 0.5
+    edge = np.zeros((64, 64), bool)
+    edge[0:8, 0:8] = True  # the square runs off the image: the outside stays black
+    assert object_crop(Image.fromarray(image), edge).size == (10, 10)
+    with pytest.raises(ValueError, match="empty"):
+        object_crop(Image.fromarray(image), np.zeros((64, 64), bool))
+
+
+def test_toy_global_view_shows_the_encoder_the_object_alone_and_the_unet_the_whole_scene():
+    scene_view = ToyWorldSource(clip_size=32).batch(np.random.default_rng(3), 4)
+    object_view = ToyWorldSource(clip_size=32, global_view="object").batch(np.random.default_rng(3), 4)
+    assert torch.equal(scene_view["pixel_values"], object_view["pixel_values"])
+    assert scene_view["prompts"] == object_view["prompts"]
+    assert not torch.equal(scene_view["clip_pixels"], object_view["clip_pixels"])
+    rng = np.random.default_rng(3)  # the batch's draws, in its order: scenes, then each view's augmentation
+    scenes = [random_scene(int(seed), two_object_probability=0.0) for seed in rng.integers(0, 10**9, 4)]
+    crops = [object_crop(Image.fromarray(scene.image), scene.masks[0]) for scene in scenes]
+    assert torch.equal(object_view["clip_pixels"], torch.stack([augment_for_clip(crop, 32, rng) for crop in crops]))
+    with pytest.raises(ValueError, match="global_view"):
+        ToyWorldSource(clip_size=32, global_view="crop")
+
+
 def make_openimages_folder(root, boxes=6):
     """A small OpenImages-layout folder: a box table, images, and one unreadable image."""
     (root / "annotations").mkdir(parents=True)
@@ -172,6 +206,7 @@ def test_openimages_masks_give_stage_two_samples(tmp_path):
     assert batch["pixel_values"].shape == (3, 3, 32, 32) and batch["valid_mask"].shape == (3, 1, 8, 8)
     assert batch["object_pixels"].shape == (3, 3, 32, 32) and batch["object_mask"].shape == (3, 32, 32)
     assert all(batch["object_pixels"][i][:, ~batch["object_mask"][i]].mean() < 0.05 for i in range(3))  # black around
+    assert batch["object_crop_pixels"].shape == batch["clip_pixels"].shape
     assert all("S" in p.split() for p in batch["prompts"])
     assert source.skipped > 0  # the unreadable mask
     with pytest.raises(FileNotFoundError, match="segmentation table"):

@@ -4,12 +4,14 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from diffusers import DDPMScheduler
 from PIL import Image
 
+from elite_tutorial.attention import elite_attention
 from elite_tutorial.cli import main as elite_train
-from elite_tutorial.data import ToyWorldSource, object_view_for_clip, scale_augment, with_scale_phrase
+from elite_tutorial.data import GLOBAL_VIEWS, ToyWorldSource, object_view_for_clip, scale_augment, with_scale_phrase
 from elite_tutorial.mappers import GlobalMapper, LocalMapper
-from elite_tutorial.training import LOCAL_PROFILES, train_local
+from elite_tutorial.training import LOCAL_PROFILES, local_step_losses, train_local
 
 RECIPE = replace(LOCAL_PROFILES["smoke"], steps=3, checkpoint_every=1, keep_checkpoints=2, validate_every=3)
 
@@ -70,6 +72,20 @@ def test_stage_two_trains_the_local_mapper_with_the_global_one_frozen(tiny, tmp_
     loaded = state(LocalMapper.from_pretrained(tmp_path / "run" / "mapper"))
     assert all(torch.equal(loaded[k], trained[k]) for k in trained)
     assert not any(p.requires_grad for model in tiny.models().values() for p in model.parameters())
+
+
+def test_stage_two_shows_the_global_mapper_the_view_it_was_trained_on(tiny):
+    batch = source().local_batch(np.random.default_rng(0), 2)
+    scrambled = {**batch, "clip_pixels": torch.rand_like(batch["clip_pixels"])}
+    losses = {}
+    for view in GLOBAL_VIEWS:
+        torch.manual_seed(1)
+        global_mapper, local_mapper = GlobalMapper.from_components(tiny, input_view=view), LocalMapper.from_components(tiny)
+        with elite_attention(tiny.unet, global_mapper, local_mapper=local_mapper):
+            losses[view] = [local_step_losses(tiny, global_mapper, local_mapper, b, RECIPE, DDPMScheduler(),
+                                              torch.Generator().manual_seed(0))["loss_mle"] for b in (batch, scrambled)]
+    assert losses["image"][0] != losses["image"][1]  # reads the whole scene
+    assert losses["object"][0] == losses["object"][1]  # reads the object cut out, not the scene
 
 
 def test_stage_two_resume_reaches_the_weights_of_an_uninterrupted_run(tiny, tmp_path):

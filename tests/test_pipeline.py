@@ -1,11 +1,14 @@
 """ELITEPipeline on the tiny random components: encode, select words, generate, refuse bad input."""
+import copy
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from elite_tutorial.attention_maps import cross_attention_layers
-from elite_tutorial.mappers import GlobalMapper
+from elite_tutorial.data import clip_pixels, object_crop
+from elite_tutorial.mappers import GlobalMapper, clip_feature_levels
 from elite_tutorial.pipeline import ELITEPipeline
 from elite_tutorial.words import encode_prompts_with_words
 
@@ -38,6 +41,27 @@ def test_encode_reads_any_image_into_five_words(pipe, tmp_path):
     with_mask = pipe.encode(path, tmp_path / "x_bg.png")
     assert with_mask.mask.shape == (32, 32) and with_mask.mask.dtype == torch.bool and with_mask.mask.any()
     torch.testing.assert_close(with_mask.words, pipe.encode(path).words)  # global words read the whole image
+
+
+def test_a_mapper_trained_on_the_object_alone_reads_the_object_cut_out_by_the_mask(tiny, tmp_path):
+    torch.manual_seed(0)
+    mapper = GlobalMapper.from_components(tiny, input_view="object")
+    mapper.save_pretrained(tmp_path / "mapper")
+    assert GlobalMapper.from_pretrained(tmp_path / "mapper").input_view == "object"  # kept in the config
+    pipe = ELITEPipeline(tiny, mapper)
+    image = picture()
+    mask = np.zeros((32, 48), bool)
+    mask[8:24, 10:30] = True
+    view = clip_pixels(object_crop(image, mask), 32)
+    expected = mapper(clip_feature_levels(tiny.image_encoder, view[None]))[0]
+    torch.testing.assert_close(pipe.encode(image, Image.fromarray(mask)).words, expected)
+    with pytest.warns(UserWarning, match="without a mask it reads the whole image"):
+        whole = pipe.encode(image)
+    reading_the_image = copy.deepcopy(mapper)
+    reading_the_image.input_view = "image"
+    torch.testing.assert_close(whole.words, ELITEPipeline(tiny, reading_the_image).encode(image).words)
+    with pytest.raises(ValueError, match="input_view"):
+        GlobalMapper.from_components(tiny, input_view="crop")
 
 
 def test_bad_images_are_refused_clearly(pipe, tmp_path):

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from diffusers import DDPMScheduler
 
+from elite_tutorial.attention import elite_attention
 from elite_tutorial.cli import main as elite_train
 from elite_tutorial.data import OpenImagesSource, ToyWorldSource
 from elite_tutorial.mappers import GlobalMapper
-from elite_tutorial.training import PROFILES, _fresh_mapper, _parameter_groups, train_global
+from elite_tutorial.training import PROFILES, _fresh_mapper, _parameter_groups, train_global, training_step_losses
 from test_data import make_openimages_folder
 
 RECIPE = replace(PROFILES["smoke"], steps=4, checkpoint_every=1, keep_checkpoints=2, validate_every=4)
@@ -77,6 +79,32 @@ def test_key_value_lr_scale_sets_the_copies_rate_and_zero_keeps_them_the_unets(t
     slow = _parameter_groups(GlobalMapper.from_components(tiny), 1e-3, 0.1)
     assert [group["lr"] for group in slow] == [1e-3, pytest.approx(1e-4)]
     assert len(slow[1]["params"]) == len(copies)
+
+
+def test_object_loss_weight_counts_the_objects_pixels_that_many_times(tiny):
+    batch = source().batch(np.random.default_rng(0), 2)
+    scheduler = DDPMScheduler()
+    mapper = GlobalMapper.from_components(tiny)
+
+    def loss(recipe, batch):
+        generator = torch.Generator().manual_seed(0)
+        with elite_attention(tiny.unet, mapper):
+            return training_step_losses(tiny, mapper, batch, recipe, scheduler, generator)["loss_mle"]
+
+    plain = loss(RECIPE, batch)
+    assert loss(replace(RECIPE, object_loss_weight=1.0), {**batch, "target_object_mask": None}) == plain  # unread at 1
+    everywhere = {**batch, "target_object_mask": torch.ones_like(batch["target_object_mask"])}
+    torch.testing.assert_close(loss(replace(RECIPE, object_loss_weight=5.0), everywhere), plain)  # all weighted alike
+    assert loss(replace(RECIPE, object_loss_weight=5.0), batch) != plain
+    with pytest.raises(ValueError, match="needs object masks"):
+        loss(replace(RECIPE, object_loss_weight=5.0), {k: v for k, v in batch.items() if k != "target_object_mask"})
+
+
+def test_the_command_trains_on_the_object_alone_with_its_pixels_weighted(tmp_path):
+    elite_train(["global", "--preset", "tiny-random", "--profile", "smoke", "--steps", "1", "--toy-global-view", "object",
+                 "--object-loss-weight", "3", "--out", str(tmp_path / "run")])
+    assert GlobalMapper.from_pretrained(tmp_path / "run" / "mapper").input_view == "object"
+    assert json.loads((tmp_path / "run" / "log.json").read_text())["recipe"]["object_loss_weight"] == 3.0
 
 
 def test_the_command_trains_on_an_openimages_folder(tmp_path):

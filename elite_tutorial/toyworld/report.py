@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPVisionModel
 
 from ..attention_maps import capture_cross_attention, cross_attention_layers, layer_resolution
 from ..components import ASSETS_DIR, Components, load_components
 from .judge import ToyJudge, accuracy
-from ..data import clip_normalise
+from ..data import clip_normalise, object_crop
 from ..mappers import clip_feature_levels
 from ..metrics import projected_features
 from .pretrain import HELD_OUT_SEED, shape_contrast_group, tokenize
@@ -123,18 +124,29 @@ PROBED_ATTRIBUTES = ("shape", "colour", "pattern", "position", "background")
 
 
 @torch.no_grad()
-def mapper_input_probe(image_encoder: CLIPVisionModel, count: int = 3000, train_fraction: float = 0.8) -> dict:
+def mapper_input_probe(image_encoder: CLIPVisionModel, count: int = 3000, train_fraction: float = 0.8,
+                       view: str = "image") -> dict:
     """What a global mapper can read from an image: for each attribute of held-out single-object
     scenes, the accuracy of a linear probe on the image encoder's last feature level (the class token
     and the mean patch token, side by side: what word w0 is computed from), with chance beside it.
+    `view`: the encoder sees the whole scene ("image") or the object alone ("object", `object_crop`
+    resized to the scene's size), as a global mapper with that `input_view` does.
 
     A mapper is a small MLP, not a linear probe, but an attribute the probe cannot read from these
     features is one the mapper has little to work with."""
     specs = held_out_specs(count, offset=50_000)
     device = image_encoder.device
+
+    def seen(spec) -> np.ndarray:
+        scene = exact_scene(spec)
+        if view == "image":
+            return scene.image
+        crop = object_crop(Image.fromarray(scene.image), scene.masks[0]).resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+        return np.asarray(crop)
+
     features = []
     for start in range(0, count, 250):
-        pixels = clip_normalise(_pixels(np.stack([exact_scene(s).image for s in specs[start:start + 250]]), device))
+        pixels = clip_normalise(_pixels(np.stack([seen(s) for s in specs[start:start + 250]]), device))
         last = clip_feature_levels(image_encoder, pixels.to(image_encoder.dtype))[0].float().cpu()
         features.append(torch.cat([last[:, 0], last[:, 1:].mean(1)], dim=1))
     features = torch.cat(features)

@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="toy data: how often a caption says the object's size, its position and the background")
     stage.add_argument("--object-loss-weight", type=float,
                        help="weight of the object's pixels in the diffusion loss, the rest 1 (toy data; default 1)")
+    stage.add_argument("--snr-gamma", type=float,
+                       help="Min-SNR-γ weighting of the diffusion loss over timesteps (e.g. 5; default: the plain mean)")
     stage.add_argument("--toy-global-view", choices=GLOBAL_VIEWS, default="image",
                        help="toy data: what the image encoder sees, the whole scene or the object alone (cut out by its mask)")
     stage = stages.add_parser("local", help="stage 2: the local mapping network (+ local k/v copies)")
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
                      learning_rate=args.learning_rate, reg_weight=args.reg_weight, seed=args.seed,
                      key_value_lr_scale=args.key_value_lr_scale)
     if args.stage == "global":
-        overrides.update(num_words=args.num_words, object_loss_weight=args.object_loss_weight)
+        overrides.update(num_words=args.num_words, object_loss_weight=args.object_loss_weight,
+                         snr_gamma=args.snr_gamma)
     recipe = recipe_with(args.profile, args.stage, **overrides)
     # frozen models in the compute dtype; the mapper keeps fp32 weights (autocast does the rest)
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]

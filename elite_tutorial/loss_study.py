@@ -122,7 +122,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     components = load_components("toy", device="cpu", dtype=torch.float32)
     folders = args.mapper or [ASSETS_DIR / "toy-global-mapper"]
     report = loss_by_caption(components, {str(f): GlobalMapper.from_pretrained(f).eval() for f in folders},

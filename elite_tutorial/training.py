@@ -9,6 +9,9 @@ One optimisation step of stage 1 (the authors' `train_global.py`, restated on di
     loss_reg  = 0.01 * mean |words|
     AdamW on the mapper (MLPs + k/v copies) only; VAE, UNet and both CLIP towers frozen.
 
+Two departures from the authors, off by default (`GlobalRecipe`): `object_loss_weight` counts the
+object's latent pixels more in loss_mle, and `snr_gamma` weights each sample by Min-SNR-γ.
+
 Stage 2 (`train_local`, the authors' `train_local.py`) freezes the global mapper and trains a
 `LocalMapper` through ELITE's local attention branch; see `local_step_losses`.
 
@@ -41,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -79,6 +83,7 @@ class GlobalRecipe(_Recipe):
     num_words: int = 5              # words injected at the placeholder in training (w0..w{n-1})
     reg_weight: float = 0.01        # weight of mean |words|
     object_loss_weight: float = 1.0 # weight of the object's latent pixels in loss_mle, the rest 1 (1: the authors' mean)
+    snr_gamma: float | None = None  # Min-SNR-γ: each sample's loss x min(SNR(t), γ) / SNR(t) (None: the authors' plain mean)
 
 
 PROFILES = {
@@ -147,15 +152,23 @@ def training_step_losses(components: Components, mapper: GlobalMapper, batch: di
     context = encode_prompts_with_words(batch["prompts"], words.to(c.text_encoder.dtype), c.tokenizer, c.text_encoder)
     prediction = c.unet(noisy, timesteps, encoder_hidden_states=context).sample
     squared = (prediction.float() - noise.float()).square()
+    loss_reg = recipe.reg_weight * words.abs().mean()
+    if recipe.object_loss_weight == 1 and recipe.snr_gamma is None:  # the authors' plain mean
+        return {"loss_mle": squared.mean(), "loss_reg": loss_reg}
     if recipe.object_loss_weight == 1:
-        loss_mle = squared.mean()
+        per_sample = squared.mean((1, 2, 3))
     else:  # a weighted mean per sample: the object's pixels count `object_loss_weight` times
         if "target_object_mask" not in batch:
             raise ValueError("object_loss_weight needs object masks; this training source gives none.")
         share = F.adaptive_avg_pool2d(batch["target_object_mask"].to(squared.device, torch.float32), squared.shape[-2:])
         weight = 1 + (recipe.object_loss_weight - 1) * share  # (B, 1, h, w): the object's share of each latent pixel
-        loss_mle = ((squared * weight).sum((1, 2, 3)) / (weight.sum((1, 2, 3)) * squared.shape[1])).mean()
-    return {"loss_mle": loss_mle, "loss_reg": recipe.reg_weight * words.abs().mean()}
+        per_sample = (squared * weight).sum((1, 2, 3)) / (weight.sum((1, 2, 3)) * squared.shape[1])
+    if recipe.snr_gamma is not None:
+        # Min-SNR-γ (Hang et al. 2023; diffusers' --snr_gamma): the nearly clean timesteps, where the
+        # error is largest and says least about the object, stop outweighing the noisy ones
+        snr = compute_snr(noise_scheduler, timesteps)
+        per_sample = per_sample * snr.clamp(max=recipe.snr_gamma) / snr
+    return {"loss_mle": per_sample.mean(), "loss_reg": loss_reg}
 
 
 def local_step_losses(components: Components, global_mapper: GlobalMapper, local_mapper: LocalMapper, batch: dict,
@@ -216,9 +229,10 @@ def _resume(out: Path, mapper: GlobalMapper | LocalMapper, optimizer, recipe, de
         raise FileNotFoundError(f"--resume latest: no checkpoint in {out / 'checkpoints'}.")
     latest = checkpoints[-1]
     log = json.loads((latest / "log.json").read_text())
-    if log["recipe"] != asdict(recipe):
-        changed = sorted(k for k in log["recipe"].keys() | asdict(recipe).keys()
-                         if log["recipe"].get(k) != asdict(recipe).get(k))
+    # a field the checkpoint lacks was added later with a default that keeps the old behaviour (None)
+    changed = sorted(k for k in log["recipe"].keys() | asdict(recipe).keys()
+                     if log["recipe"].get(k) != asdict(recipe).get(k))
+    if changed:
         raise ValueError(f"{latest} was trained with another recipe (differs in {changed}); resume with the same "
                          "options, or start a new output folder.")
     state = type(mapper).from_pretrained(latest / "mapper").state_dict()

@@ -10,9 +10,11 @@ from diffusers import DDPMScheduler
 
 from elite_tutorial.attention import elite_attention
 from elite_tutorial.cli import main as elite_train
-from elite_tutorial.data import OpenImagesSource, ToyWorldSource
-from elite_tutorial.mappers import GlobalMapper
-from elite_tutorial.training import PROFILES, _fresh_mapper, _parameter_groups, train_global, training_step_losses
+from elite_tutorial.data import OpenImagesSource, ToyWorldSource, clip_normalise
+from elite_tutorial.mappers import GlobalMapper, clip_feature_levels
+from elite_tutorial.training import (PROFILES, _fresh_mapper, _noised_latents, _parameter_groups, train_global,
+                                     training_step_losses)
+from elite_tutorial.words import encode_prompts_with_words
 from test_data import make_openimages_folder
 
 RECIPE = replace(PROFILES["smoke"], steps=4, checkpoint_every=1, keep_checkpoints=2, validate_every=4)
@@ -100,11 +102,35 @@ def test_object_loss_weight_counts_the_objects_pixels_that_many_times(tiny):
         loss(replace(RECIPE, object_loss_weight=5.0), {k: v for k, v in batch.items() if k != "target_object_mask"})
 
 
-def test_the_command_trains_on_the_object_alone_with_its_pixels_weighted(tmp_path):
+def test_min_snr_weights_each_sample_by_min_snr_gamma_over_snr(tiny):
+    batch = source().batch(np.random.default_rng(0), 4)
+    scheduler = DDPMScheduler()
+    mapper = GlobalMapper.from_components(tiny)
+
+    def loss(recipe):
+        with elite_attention(tiny.unet, mapper):
+            return training_step_losses(tiny, mapper, batch, recipe, scheduler, torch.Generator().manual_seed(0))["loss_mle"]
+
+    # the same draws, stated apart: the per-sample errors and SNR(t) = ᾱ / (1 - ᾱ)
+    noisy, noise, timesteps = _noised_latents(tiny, batch["pixel_values"], scheduler, torch.Generator().manual_seed(0))
+    with torch.no_grad(), elite_attention(tiny.unet, mapper):
+        words = mapper([level.float() for level in clip_feature_levels(tiny.image_encoder, clip_normalise(batch["clip_pixels"]))])
+        context = encode_prompts_with_words(batch["prompts"], words[:, : RECIPE.num_words], tiny.tokenizer, tiny.text_encoder)
+        per_sample = (tiny.unet(noisy, timesteps, encoder_hidden_states=context).sample - noise).square().mean((1, 2, 3))
+    alpha_bar = scheduler.alphas_cumprod[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    gamma = float(snr.median())  # some samples above it, some below
+    with torch.no_grad():
+        torch.testing.assert_close(loss(replace(RECIPE, snr_gamma=gamma)), (per_sample * snr.clamp(max=gamma) / snr).mean())
+        torch.testing.assert_close(loss(replace(RECIPE, snr_gamma=1e9)), loss(RECIPE))  # above every SNR: the plain mean
+
+
+def test_the_command_trains_on_the_object_alone_with_its_pixels_weighted_and_min_snr(tmp_path):
     elite_train(["global", "--preset", "tiny-random", "--profile", "smoke", "--steps", "1", "--toy-global-view", "object",
-                 "--object-loss-weight", "3", "--out", str(tmp_path / "run")])
+                 "--object-loss-weight", "3", "--snr-gamma", "5", "--out", str(tmp_path / "run")])
     assert GlobalMapper.from_pretrained(tmp_path / "run" / "mapper").input_view == "object"
-    assert json.loads((tmp_path / "run" / "log.json").read_text())["recipe"]["object_loss_weight"] == 3.0
+    recipe = json.loads((tmp_path / "run" / "log.json").read_text())["recipe"]
+    assert recipe["object_loss_weight"] == 3.0 and recipe["snr_gamma"] == 5.0
 
 
 def test_the_command_trains_on_an_openimages_folder(tmp_path):

@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="weight of the object's pixels in the diffusion loss, the rest 1 (toy data; default 1)")
     stage.add_argument("--snr-gamma", type=float,
                        help="Min-SNR-γ weighting of the diffusion loss over timesteps (e.g. 5; default: the plain mean)")
+    stage.add_argument("--key-value-anchor", type=float,
+                       help="weight of a loss that keeps the k/v copies near the UNet's own (e.g. 0.1; default 0)")
     stage.add_argument("--toy-global-view", choices=GLOBAL_VIEWS, default="image",
                        help="toy data: what the image encoder sees, the whole scene or the object alone (cut out by its mask)")
     stage = stages.add_parser("local", help="stage 2: the local mapping network (+ local k/v copies)")
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
                      key_value_lr_scale=args.key_value_lr_scale)
     if args.stage == "global":
         overrides.update(num_words=args.num_words, object_loss_weight=args.object_loss_weight,
-                         snr_gamma=args.snr_gamma)
+                         snr_gamma=args.snr_gamma, key_value_anchor=args.key_value_anchor)
     recipe = recipe_with(args.profile, args.stage, **overrides)
     # frozen models in the compute dtype; the mapper keeps fp32 weights (autocast does the rest)
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]

@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     report = fidelity_and_editability(pipe, judge, samples=args.samples, seed=args.seed, local_scale=args.local_scale)
     report["encode_ms_cpu"] = encode_milliseconds(pipe)
     report["word_norms"] = word_norms(pipe)
+    with torch.no_grad():  # how far training moved the k/v copies from the UNet's own (0: not at all)
+        report["key_value_drift"] = round(float(pipe.global_mapper.key_value_drift(components.unet)), 4)
     if args.described:
         reference = described_generator(components, judge, samples=args.samples, seed=args.seed)  # seeded per call
         report["described_in_words"] = score(reference, judge, samples=args.samples)["summary"]

@@ -186,6 +186,18 @@ class _LevelMapper(nn.Module):
         key = attention_layer_key(layer)
         return getattr(self, f"to_k_{self.branch}")[key], getattr(self, f"to_v_{self.branch}")[key]
 
+    def key_value_drift(self, unet) -> torch.Tensor:
+        """How far the k/v copies sit from `unet`'s own `to_k`/`to_v`: sum over every copy of
+        ||W_copy - W_unet||^2, divided by the sum of ||W_unet||^2 (0 for fresh copies; a scalar that
+        carries gradients to the copies, and none to the UNet)."""
+        moved = size = 0
+        for name, module in cross_attention_modules(unet).items():
+            for copy, own in zip(self.key_value(name), (module.to_k, module.to_v)):
+                own_weight = own.weight.detach().to(copy.weight.dtype)
+                moved = moved + (copy.weight - own_weight).square().sum()
+                size = size + own_weight.square().sum()
+        return moved / size
+
     # -- saving --------------------------------------------------------------------------------------
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):

@@ -9,8 +9,9 @@ One optimisation step of stage 1 (the authors' `train_global.py`, restated on di
     loss_reg  = 0.01 * mean |words|
     AdamW on the mapper (MLPs + k/v copies) only; VAE, UNet and both CLIP towers frozen.
 
-Two departures from the authors, off by default (`GlobalRecipe`): `object_loss_weight` counts the
-object's latent pixels more in loss_mle, and `snr_gamma` weights each sample by Min-SNR-γ.
+Three departures from the authors, off by default (`GlobalRecipe`): `object_loss_weight` counts the
+object's latent pixels more in loss_mle, `snr_gamma` weights each sample by Min-SNR-γ, and
+`key_value_anchor` adds loss_anchor, which pulls the k/v copies back toward the UNet's own.
 
 Stage 2 (`train_local`, the authors' `train_local.py`) freezes the global mapper and trains a
 `LocalMapper` through ELITE's local attention branch; see `local_step_losses`.
@@ -25,7 +26,7 @@ Output folder:
     mapper/                 the final mapper (save_pretrained: config.json + model.safetensors, + log.json)
     checkpoints/step-N/     mapper/ + training_state.safetensors (optimizer, step); the last K kept
     validation/step-N.png   reference images and what the mapper makes of them, every N steps
-    log.json                the recipe and loss_mle / loss_reg per step
+    log.json                the recipe and loss_mle / loss_reg (/ loss_anchor) per step
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,7 @@ class GlobalRecipe(_Recipe):
     reg_weight: float = 0.01        # weight of mean |words|
     object_loss_weight: float = 1.0 # weight of the object's latent pixels in loss_mle, the rest 1 (1: the authors' mean)
     snr_gamma: float | None = None  # Min-SNR-γ: each sample's loss x min(SNR(t), γ) / SNR(t) (None: the authors' plain mean)
+    key_value_anchor: float = 0.0   # weight of the k/v copies' relative squared drift from the UNet's own (0: the authors' free copies)
 
 
 PROFILES = {
@@ -152,9 +154,13 @@ def training_step_losses(components: Components, mapper: GlobalMapper, batch: di
     context = encode_prompts_with_words(batch["prompts"], words.to(c.text_encoder.dtype), c.tokenizer, c.text_encoder)
     prediction = c.unet(noisy, timesteps, encoder_hidden_states=context).sample
     squared = (prediction.float() - noise.float()).square()
-    loss_reg = recipe.reg_weight * words.abs().mean()
+    losses = {"loss_reg": recipe.reg_weight * words.abs().mean()}
+    if recipe.key_value_anchor:
+        # the copies read every word of every caption: held near the UNet's own, they keep what the
+        # UNet knows about the words that are not the concept's (positions, backgrounds, sizes)
+        losses["loss_anchor"] = recipe.key_value_anchor * _unwrapped(mapper).key_value_drift(c.unet)
     if recipe.object_loss_weight == 1 and recipe.snr_gamma is None:  # the authors' plain mean
-        return {"loss_mle": squared.mean(), "loss_reg": loss_reg}
+        return {"loss_mle": squared.mean(), **losses}
     if recipe.object_loss_weight == 1:
         per_sample = squared.mean((1, 2, 3))
     else:  # a weighted mean per sample: the object's pixels count `object_loss_weight` times
@@ -168,7 +174,12 @@ def training_step_losses(components: Components, mapper: GlobalMapper, batch: di
         # error is largest and says least about the object, stop outweighing the noisy ones
         snr = compute_snr(noise_scheduler, timesteps)
         per_sample = per_sample * snr.clamp(max=recipe.snr_gamma) / snr
-    return {"loss_mle": per_sample.mean(), "loss_reg": loss_reg}
+    return {"loss_mle": per_sample.mean(), **losses}
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (`accelerate` adds one on several processes)."""
+    return getattr(model, "module", model)
 
 
 def local_step_losses(components: Components, global_mapper: GlobalMapper, local_mapper: LocalMapper, batch: dict,
@@ -229,9 +240,10 @@ def _resume(out: Path, mapper: GlobalMapper | LocalMapper, optimizer, recipe, de
         raise FileNotFoundError(f"--resume latest: no checkpoint in {out / 'checkpoints'}.")
     latest = checkpoints[-1]
     log = json.loads((latest / "log.json").read_text())
-    # a field the checkpoint lacks was added later with a default that keeps the old behaviour (None)
-    changed = sorted(k for k in log["recipe"].keys() | asdict(recipe).keys()
-                     if log["recipe"].get(k) != asdict(recipe).get(k))
+    # a field the checkpoint lacks was added later, with a default that keeps the old behaviour
+    saved = {**{f.name: f.default for f in fields(recipe)}, **log["recipe"]}
+    current = asdict(recipe)
+    changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
     if changed:
         raise ValueError(f"{latest} was trained with another recipe (differs in {changed}); resume with the same "
                          "options, or start a new output folder.")

@@ -11,7 +11,7 @@ from diffusers import DDPMScheduler
 from elite_tutorial.attention import elite_attention
 from elite_tutorial.cli import main as elite_train
 from elite_tutorial.data import OpenImagesSource, ToyWorldSource, clip_normalise
-from elite_tutorial.mappers import GlobalMapper, clip_feature_levels
+from elite_tutorial.mappers import GlobalMapper, clip_feature_levels, cross_attention_modules
 from elite_tutorial.training import (PROFILES, _fresh_mapper, _noised_latents, _parameter_groups, train_global,
                                      training_step_losses)
 from elite_tutorial.words import encode_prompts_with_words
@@ -48,6 +48,11 @@ def test_resume_latest_reaches_the_weights_of_an_uninterrupted_run(tiny, tmp_pat
     straight = state(train_global(tiny, source(), tmp_path / "straight", recipe))
     train_global(tiny, source(), tmp_path / "resumed", recipe, stop_after=2)
     assert not (tmp_path / "resumed" / "mapper").exists()  # interrupted: no final mapper yet
+    # a checkpoint written before a recipe field existed resumes: the field's default is the old behaviour
+    for log_path in (tmp_path / "resumed" / "checkpoints").glob("*/log.json"):
+        log = json.loads(log_path.read_text())
+        del log["recipe"]["snr_gamma"], log["recipe"]["key_value_anchor"]
+        log_path.write_text(json.dumps(log))
     resumed = state(train_global(tiny, source(), tmp_path / "resumed", recipe, resume=True))
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
@@ -125,12 +130,49 @@ def test_min_snr_weights_each_sample_by_min_snr_gamma_over_snr(tiny):
         torch.testing.assert_close(loss(replace(RECIPE, snr_gamma=1e9)), loss(RECIPE))  # above every SNR: the plain mean
 
 
+def test_key_value_drift_is_the_copies_relative_squared_distance_from_the_unets(tiny):
+    mapper = GlobalMapper.from_components(tiny)
+    assert float(mapper.key_value_drift(tiny.unet).detach()) == 0.0  # fresh copies are the UNet's own
+    layers = cross_attention_modules(tiny.unet)
+    size = sum(m.to_k.weight.square().sum() + m.to_v.weight.square().sum() for m in layers.values())
+    to_k, _ = mapper.key_value(next(iter(layers)))
+    step = torch.randn(to_k.weight.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        to_k.weight += step
+    drift = mapper.key_value_drift(tiny.unet)
+    torch.testing.assert_close(drift, step.square().sum() / size)
+    drift.backward()
+    torch.testing.assert_close(to_k.weight.grad, 2 * step / size)  # toward the UNet's weight
+
+
+def test_key_value_anchor_adds_its_loss_and_holds_the_copies_nearer_the_unets(tiny, tmp_path):
+    batch = source().batch(np.random.default_rng(0), 2)
+    mapper = GlobalMapper.from_components(tiny)
+    with torch.no_grad():
+        for copy in mapper.to_v_global.values():
+            copy.weight *= 1.5
+    with elite_attention(tiny.unet, mapper):
+        plain = training_step_losses(tiny, mapper, batch, RECIPE, DDPMScheduler(), torch.Generator().manual_seed(0))
+        anchored = training_step_losses(tiny, mapper, batch, replace(RECIPE, key_value_anchor=2.0), DDPMScheduler(),
+                                        torch.Generator().manual_seed(0))
+    assert "loss_anchor" not in plain and torch.equal(anchored["loss_mle"], plain["loss_mle"])
+    torch.testing.assert_close(anchored["loss_anchor"], 2.0 * mapper.key_value_drift(tiny.unet))
+    assert float(anchored["loss_anchor"]) > 0
+
+    free = train_global(tiny, source(), tmp_path / "free", RECIPE)
+    held = train_global(tiny, source(), tmp_path / "held", replace(RECIPE, key_value_anchor=1e4))
+    with torch.no_grad():
+        assert 0 < float(held.key_value_drift(tiny.unet)) < float(free.key_value_drift(tiny.unet))
+    assert "loss_anchor" in json.loads((tmp_path / "held" / "log.json").read_text())["history"][-1]
+
+
 def test_the_command_trains_on_the_object_alone_with_its_pixels_weighted_and_min_snr(tmp_path):
     elite_train(["global", "--preset", "tiny-random", "--profile", "smoke", "--steps", "1", "--toy-global-view", "object",
-                 "--object-loss-weight", "3", "--snr-gamma", "5", "--out", str(tmp_path / "run")])
+                 "--object-loss-weight", "3", "--snr-gamma", "5", "--key-value-anchor", "1",
+                 "--out", str(tmp_path / "run")])
     assert GlobalMapper.from_pretrained(tmp_path / "run" / "mapper").input_view == "object"
     recipe = json.loads((tmp_path / "run" / "log.json").read_text())["recipe"]
-    assert recipe["object_loss_weight"] == 3.0 and recipe["snr_gamma"] == 5.0
+    assert recipe["object_loss_weight"] == 3.0 and recipe["snr_gamma"] == 5.0 and recipe["key_value_anchor"] == 1.0
 
 
 def test_the_command_trains_on_an_openimages_folder(tmp_path):

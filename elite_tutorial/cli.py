@@ -22,7 +22,7 @@ import torch
 from .components import load_components
 from .data import GLOBAL_VIEWS, OpenImagesMaskSource, OpenImagesSource, ToyWorldSource
 from .mappers import GlobalMapper
-from .training import LOCAL_PROFILES, PROFILES, recipe_with, train_global, train_local
+from .training import LOCAL_PROFILES, LR_SCHEDULES, PROFILES, recipe_with, train_global, train_local
 
 
 def _source(data: str, components, stage: str, context_probability: float = 0.5, global_view: str = "image"):
@@ -47,6 +47,8 @@ def _common_options(stage: argparse.ArgumentParser, profiles) -> None:
     stage.add_argument("--batch-size", type=int)
     stage.add_argument("--gradient-accumulation", type=int)
     stage.add_argument("--learning-rate", type=float, help="per sample (scaled by the total batch)")
+    stage.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                       help="the learning rate over the run: constant (the profiles'), or down to 0 at the last step")
     stage.add_argument("--seed", type=int)
     stage.add_argument("--key-value-lr-scale", type=float,
                        help="the k/v copies' learning rate as a multiple of the mapper's (0 keeps them frozen)")
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
 
     overrides = dict(steps=args.steps, batch_size=args.batch_size, gradient_accumulation=args.gradient_accumulation,
                      learning_rate=args.learning_rate, reg_weight=args.reg_weight, seed=args.seed,
-                     key_value_lr_scale=args.key_value_lr_scale)
+                     key_value_lr_scale=args.key_value_lr_scale, lr_schedule=args.lr_schedule)
     if args.stage == "global":
         overrides.update(num_words=args.num_words, object_loss_weight=args.object_loss_weight,
                          snr_gamma=args.snr_gamma, key_value_anchor=args.key_value_anchor)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,8 @@ from tqdm.auto import tqdm
 
 from .baselines import TI_PROFILES, textual_inversion
 from .components import ASSETS_DIR, load_components
-from .evaluation import JUDGE_FOLDER, class_word_generator, elite_generator, prompt_embeds_generator, score
+from .evaluation import (JUDGE_FOLDER, class_word_generator, elite_generator, encode_seconds, prompt_embeds_generator,
+                         score)
 from .mappers import GlobalMapper, LocalMapper
 from .metrics import load_metric_models
 from .pipeline import ELITEPipeline
@@ -52,18 +52,6 @@ def textual_inversion_generator(components, embeddings: torch.Tensor, samples: i
     return prompt_embeds_generator(c, embeds, samples, seed, defaults)
 
 
-def _encode_seconds(pipe: ELITEPipeline, concepts) -> list[float]:
-    """Wall time of ELITE's `encode` (image + mask) per concept, after one warm-up call."""
-    pipe.encode(*concept_views(concepts[0])[0])
-    times = []
-    for concept in concepts:
-        image, mask = concept_views(concept)[0]
-        start = time.perf_counter()
-        pipe.encode(image, mask)
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def compare(components, global_mapper: GlobalMapper, local_mapper: LocalMapper, concepts=CONCEPTS,
             samples: int = 4, seed: int = 0, ti_profile: str = "toy", progress: bool = True) -> dict:
     """The four methods' scores (`evaluation.score` summaries and per-concept rows) and the seconds each
@@ -72,7 +60,7 @@ def compare(components, global_mapper: GlobalMapper, local_mapper: LocalMapper, 
     metrics = load_metric_models("toy", components.device)
     global_pipe = ELITEPipeline(components, global_mapper)
     local_pipe = ELITEPipeline(components, global_mapper, local_mapper)
-    encode_seconds = _encode_seconds(local_pipe, concepts)
+    seconds_to_encode = encode_seconds(local_pipe, [concept_views(concept)[0] for concept in concepts])
     inversions = [textual_inversion(components, [image for image, _ in concept_views(concept)], concept.class_word,
                                     TI_PROFILES[ti_profile], seed=seed, progress=False)
                   for concept in tqdm(concepts, desc="textual inversion", disable=not progress)]
@@ -85,7 +73,7 @@ def compare(components, global_mapper: GlobalMapper, local_mapper: LocalMapper, 
         "ELITE global + local": elite_generator(local_pipe, concepts, samples, seed, local_scale=0.8),
     }
     seconds = {"class word": 0.0, "Textual Inversion": float(np.mean([ti.seconds for ti in inversions])),
-               "ELITE global": float(np.mean(encode_seconds)), "ELITE global + local": float(np.mean(encode_seconds))}
+               "ELITE global": float(np.mean(seconds_to_encode)), "ELITE global + local": float(np.mean(seconds_to_encode))}
     results = {}
     for method in tqdm(METHODS, desc="methods", disable=not progress):
         results[method] = {**score(generators[method], judge, concepts, samples, metrics, progress),

@@ -240,16 +240,20 @@ def word_norms(pipe: ELITEPipeline, concepts=CONCEPTS) -> dict[str, list[float] 
             "vocabulary_mean": round(float(vocabulary.mean()), 3), "vocabulary_max": round(float(vocabulary.max()), 3)}
 
 
-def encode_milliseconds(pipe: ELITEPipeline, repeats: int = 20) -> float:
-    """Median wall time of `encode` on one concept view and its mask (after one warm-up call)."""
-    image, mask = concept_views(CONCEPTS[0])[0]
-    pipe.encode(image, mask)
+def encode_seconds(pipe: ELITEPipeline, views: list[tuple]) -> list[float]:
+    """Wall time of `pipe.encode(image, mask)` for each (image, mask) of `views`, after one warm-up call."""
+    pipe.encode(*views[0])
     times = []
-    for _ in range(repeats):
+    for image, mask in views:
         start = time.perf_counter()
         pipe.encode(image, mask)
         times.append(time.perf_counter() - start)
-    return round(1000 * float(np.median(times)), 1)
+    return times
+
+
+def encode_milliseconds(pipe: ELITEPipeline, repeats: int = 20) -> float:
+    """Median wall time of `encode` on one concept view and its mask, in milliseconds."""
+    return round(1000 * float(np.median(encode_seconds(pipe, [concept_views(CONCEPTS[0])[0]] * repeats))), 1)
 
 
 def main(argv: list[str] | None = None) -> None:

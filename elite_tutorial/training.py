@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 import shutil
 import time
@@ -71,6 +72,7 @@ class _Recipe:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     key_value_lr_scale: float = 1.0 # the k/v copies' learning rate / the mapping MLPs' (0: kept frozen)
+    lr_schedule: str = "constant"   # the rate over the run: "constant" (the authors'), or down to 0 at the end ("linear", "cosine")
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     validate_every: int = 500
@@ -119,6 +121,23 @@ LOCAL_PROFILES = {
     "smoke": LocalRecipe(steps=4, batch_size=2, gradient_accumulation=2, learning_rate=1e-4,
                          checkpoint_every=2, keep_checkpoints=2, validate_every=2),
 }
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def learning_rate_factor(schedule: str, step: int, steps: int) -> float:
+    """The learning rate of optimizer step `step` (0-based) of a `steps`-step run, as a fraction of the
+    recipe's. A rate that falls to 0 averages out the noise of the last steps' updates, which a constant
+    rate leaves in the final weights."""
+    progress = step / steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
 
 
 @torch.no_grad()
@@ -337,6 +356,7 @@ def _train(
     optimizer = torch.optim.AdamW(_parameter_groups(mapper, recipe.learning_rate * scale, recipe.key_value_lr_scale),
                                   weight_decay=recipe.weight_decay)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    base_rates = [group["lr"] for group in optimizer.param_groups]  # the recipe's: each step sets a fraction of them
     start, history = 0, []
     if resume:
         start, history = _resume(out, mapper, optimizer, recipe, accelerator.device)
@@ -355,6 +375,10 @@ def _train(
     started = time.perf_counter()
     with attention(mapper):
         for step in bar:
+            # set from the step alone, so a resumed run follows the same schedule
+            factor = learning_rate_factor(recipe.lr_schedule, step, recipe.steps)
+            for group, rate in zip(optimizer.param_groups, base_rates):
+                group["lr"] = rate * factor
             sums: dict[str, float] = {}
             for _ in range(recipe.gradient_accumulation):
                 batch = next(batches)

@@ -12,8 +12,8 @@ from elite_tutorial.attention import elite_attention
 from elite_tutorial.cli import main as elite_train
 from elite_tutorial.data import OpenImagesSource, ToyWorldSource, clip_normalise
 from elite_tutorial.mappers import GlobalMapper, clip_feature_levels, cross_attention_modules
-from elite_tutorial.training import (PROFILES, _fresh_mapper, _noised_latents, _parameter_groups, train_global,
-                                     training_step_losses)
+from elite_tutorial.training import (PROFILES, _fresh_mapper, _noised_latents, _parameter_groups, learning_rate_factor,
+                                     train_global, training_step_losses)
 from elite_tutorial.words import encode_prompts_with_words
 from test_data import make_openimages_folder
 
@@ -44,7 +44,8 @@ def test_a_short_run_logs_checkpoints_and_validates(tiny, tmp_path):
 
 
 def test_resume_latest_reaches_the_weights_of_an_uninterrupted_run(tiny, tmp_path):
-    recipe = replace(RECIPE, gradient_accumulation=2)
+    # a falling rate: the resumed run must take it from the step, not from the checkpoint's optimizer
+    recipe = replace(RECIPE, gradient_accumulation=2, lr_schedule="linear")
     straight = state(train_global(tiny, source(), tmp_path / "straight", recipe))
     train_global(tiny, source(), tmp_path / "resumed", recipe, stop_after=2)
     assert not (tmp_path / "resumed" / "mapper").exists()  # interrupted: no final mapper yet
@@ -58,6 +59,31 @@ def test_resume_latest_reaches_the_weights_of_an_uninterrupted_run(tiny, tmp_pat
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     log = json.loads((tmp_path / "resumed" / "log.json").read_text())
     assert log["history"] == json.loads((tmp_path / "straight" / "log.json").read_text())["history"]
+
+
+def test_learning_rate_schedules_fall_from_the_recipes_rate_to_zero():
+    steps = 10
+    assert [learning_rate_factor("constant", step, steps) for step in (0, 9)] == [1.0, 1.0]
+    assert [learning_rate_factor("linear", step, steps) for step in (0, 5, 9)] == pytest.approx([1.0, 0.5, 0.1])
+    assert [learning_rate_factor("cosine", step, steps) for step in (0, 5)] == pytest.approx([1.0, 0.5])
+    assert 0 < learning_rate_factor("cosine", 9, steps) < 0.05
+    with pytest.raises(ValueError, match="constant, linear, cosine"):
+        learning_rate_factor("step", 0, steps)
+
+
+def test_a_falling_rate_makes_the_last_update_smaller_than_a_constant_rate_does(tiny, tmp_path):
+    recipe = replace(RECIPE, steps=3, checkpoint_every=1, keep_checkpoints=3)
+    train_global(tiny, source(), tmp_path / "constant", recipe)
+    train_global(tiny, source(), tmp_path / "linear", replace(recipe, lr_schedule="linear"))
+
+    def last_update(run):  # how far the mapping MLPs moved in the last step
+        before, after = (GlobalMapper.from_pretrained(tmp_path / run / "checkpoints" / f"step-00000{s}" / "mapper")
+                         for s in (2, 3))
+        return float(sum((a.weight - b.weight).norm() for a, b in zip(after.mapping[0], before.mapping[0])
+                         if isinstance(a, torch.nn.Linear)))
+
+    # the linear schedule's third of three steps runs at a third of the rate
+    assert 0 < last_update("linear") < 0.5 * last_update("constant")
 
 
 def test_resume_refuses_another_recipe_and_a_fresh_run_refuses_a_used_folder(tiny, tmp_path):
@@ -168,11 +194,12 @@ def test_key_value_anchor_adds_its_loss_and_holds_the_copies_nearer_the_unets(ti
 
 def test_the_command_trains_on_the_object_alone_with_its_pixels_weighted_and_min_snr(tmp_path):
     elite_train(["global", "--preset", "tiny-random", "--profile", "smoke", "--steps", "1", "--toy-global-view", "object",
-                 "--object-loss-weight", "3", "--snr-gamma", "5", "--key-value-anchor", "1",
+                 "--object-loss-weight", "3", "--snr-gamma", "5", "--key-value-anchor", "1", "--lr-schedule", "cosine",
                  "--out", str(tmp_path / "run")])
     assert GlobalMapper.from_pretrained(tmp_path / "run" / "mapper").input_view == "object"
     recipe = json.loads((tmp_path / "run" / "log.json").read_text())["recipe"]
     assert recipe["object_loss_weight"] == 3.0 and recipe["snr_gamma"] == 5.0 and recipe["key_value_anchor"] == 1.0
+    assert recipe["lr_schedule"] == "cosine"
 
 
 def test_the_command_trains_on_an_openimages_folder(tmp_path):

@@ -44,7 +44,7 @@ def test_a_short_run_logs_checkpoints_and_validates(tiny, tmp_path):
 
 
 def test_resume_latest_reaches_the_weights_of_an_uninterrupted_run(tiny, tmp_path):
-    # a falling rate: the resumed run must take it from the step, not from the checkpoint's optimizer
+    # a falling rate: the resumed run must pick the schedule up at the step it resumes from
     recipe = replace(RECIPE, gradient_accumulation=2, lr_schedule="linear")
     straight = state(train_global(tiny, source(), tmp_path / "straight", recipe))
     train_global(tiny, source(), tmp_path / "resumed", recipe, stop_after=2)

@@ -20,18 +20,19 @@ from pathlib import Path
 import torch
 
 from .components import load_components
-from .data import GLOBAL_VIEWS, OpenImagesMaskSource, OpenImagesSource, ToyWorldSource
+from .data import GLOBAL_VIEWS, TOY_TARGETS, OpenImagesMaskSource, OpenImagesSource, ToyWorldSource
 from .mappers import GlobalMapper
 from .training import LOCAL_PROFILES, LR_SCHEDULES, PROFILES, recipe_with, train_global, train_local
 
 
-def _source(data: str, components, stage: str, context_probability: float = 0.5, global_view: str = "image"):
+def _source(data: str, components, stage: str, context_probability: float = 0.5, global_view: str = "image",
+            target: str = "scene"):
     clip_size = components.image_encoder.config.image_size
     latent_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
     resolution = components.unet.config.sample_size * latent_factor
     if data == "toy":
         return ToyWorldSource(clip_size=clip_size, image_size=resolution, latent_factor=latent_factor,
-                              context_probability=context_probability, global_view=global_view)
+                              context_probability=context_probability, global_view=global_view, target=target)
     if stage == "local":
         return OpenImagesMaskSource(Path(data), resolution=resolution, clip_size=clip_size, latent_factor=latent_factor)
     return OpenImagesSource(Path(data), resolution=resolution, clip_size=clip_size)
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
                        help="weight of a loss that keeps the k/v copies near the UNet's own (e.g. 0.1; default 0)")
     stage.add_argument("--toy-global-view", choices=GLOBAL_VIEWS, default="image",
                        help="toy data: what the image encoder sees, the whole scene or the object alone (cut out by its mask)")
+    stage.add_argument("--toy-global-target", choices=TOY_TARGETS, default="scene",
+                       help="toy data: the UNet's target, the scene as drawn or its object redrawn large at the centre "
+                            "(as the authors' box crops fill the image with the object)")
     stage = stages.add_parser("local", help="stage 2: the local mapping network (+ local k/v copies)")
     _common_options(stage, LOCAL_PROFILES)
     stage.add_argument("--global-mapper", required=True, type=Path, help="the trained global mapper's folder (frozen)")
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
                    gradient_checkpointing=args.gradient_checkpointing, data_workers=args.data_workers,
                    command=" ".join(["elite-train", *(sys.argv[1:] if argv is None else argv)]))
     source = _source(args.data, components, args.stage, getattr(args, "toy_context_probability", 0.5),
-                     getattr(args, "toy_global_view", "image"))
+                     getattr(args, "toy_global_view", "image"), getattr(args, "toy_global_target", "scene"))
     if args.stage == "global":
         mapper = train_global(components, source, args.out, recipe, **options)
     else:

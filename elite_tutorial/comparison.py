@@ -27,29 +27,16 @@ from tqdm.auto import tqdm
 
 from .baselines import TI_PROFILES, textual_inversion
 from .components import ASSETS_DIR, load_components
-from .evaluation import (JUDGE_FOLDER, class_word_generator, elite_generator, encode_seconds, prompt_embeds_generator,
-                         score)
+from .evaluation import (JUDGE_FOLDER, class_word_generator, elite_generator, encode_seconds, score,
+                         textual_inversion_generator)
 from .mappers import GlobalMapper, LocalMapper
 from .metrics import load_metric_models
 from .pipeline import ELITEPipeline
 from .toyworld.concepts import CONCEPTS, concept_views
 from .toyworld.judge import ToyJudge
-from .words import encode_prompts_with_words
 
 METHODS = ("class word", "Textual Inversion", "ELITE global", "ELITE global + local")
 COLUMNS = ("fidelity", "editability", "clip_t", "clip_i", "dino_i")
-
-
-def textual_inversion_generator(components, embeddings: torch.Tensor, samples: int, seed: int, defaults):
-    """Textual Inversion's words (concepts, width) at S, through the plain pipeline."""
-    c = components
-
-    @torch.no_grad()
-    def embeds(prompt: str) -> torch.Tensor:
-        words = embeddings.to(c.device, c.text_encoder.dtype)[:, None]
-        return encode_prompts_with_words([prompt] * len(embeddings), words, c.tokenizer, c.text_encoder)
-
-    return prompt_embeds_generator(c, embeds, samples, seed, defaults)
 
 
 def compare(components, global_mapper: GlobalMapper, local_mapper: LocalMapper, concepts=CONCEPTS,

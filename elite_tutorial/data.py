@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,6 +41,8 @@ ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 # What a global mapper reads of a concept image: the whole image (the authors'), or the object alone.
 GLOBAL_VIEWS = ("image", "object")
+# What the UNet learns to draw from the words in toy stage-1 training: the scene, or its `close_up`.
+TOY_TARGETS = ("scene", "close-up")
 
 
 def clip_normalise(pixels01: torch.Tensor) -> torch.Tensor:
@@ -195,8 +198,8 @@ class LocalTrainingSource(Protocol):
 def toy_prompt_with_placeholder(spec, rng: np.random.Generator, placeholder: str = "S",
                                 context_probability: float = 0.5) -> str:
     """'a photo of a large S on the left, on a grass background', each of size, position and
-    background said with probability `context_probability`. In the toy world a training image is the
-    whole scene, not a tight crop of the object as in the authors' data, so the caption names the rest
+    background said with probability `context_probability`. A toy training image is a scene (or its
+    `close_up`), not a tight crop of the object as in the authors' data, so the caption names the rest
     of the scene; the words then have no reason to carry it (when it is said)."""
     from .toyworld.render import POSITION_PHRASES, PREFIXES, _article  # noqa: PLC0415 (toy data only)
 
@@ -210,24 +213,41 @@ def toy_prompt_with_placeholder(spec, rng: np.random.Generator, placeholder: str
     return f"{prefix} {text}" if prefix else text
 
 
+def close_up(scene):
+    """The scene's object redrawn large at the centre, on the same background: the toy world's
+    nearest to the authors' stage-1 images, which are boxes around an object (padded by 10 px), so
+    the object fills them. A crop of a toy scene, scaled up, would be blurred, and larger than
+    anything the toy UNet has learned to draw; "large, in the center" is the largest it draws."""
+    from .toyworld.render import SceneSpec, exact_scene  # noqa: PLC0415
+
+    obj = replace(scene.spec.objects[0], size="large", position="center", offset=(0.0, 0.0))
+    return exact_scene(SceneSpec((obj,), scene.spec.background, scene.spec.texture_seed))
+
+
 class ToyWorldSource:
     """Single-object toy scenes drawn on the fly; validation shows the held-out personal concepts.
 
-    `global_view`: what the global mapper's encoder sees of a scene: "image", the whole scene, or
-    "object", the object alone (`object_crop`). The UNet's target is the whole scene either way.
+    `target`: the UNet's stage-1 target, "scene", the whole scene as drawn (the object anywhere,
+    small or large), or "close-up", the object redrawn large at the centre (`close_up`).
+    `global_view`: what the global mapper's encoder sees of that image: "image", all of it, or
+    "object", the object alone (`object_crop`).
     """
 
     def __init__(self, clip_size: int, image_size: int = 64, latent_factor: int = 4, context_probability: float = 0.5,
-                 global_view: str = "image"):
+                 global_view: str = "image", target: str = "scene"):
         if global_view not in GLOBAL_VIEWS:
             raise ValueError(f"global_view must be one of {GLOBAL_VIEWS}, not {global_view!r}.")
+        if target not in TOY_TARGETS:
+            raise ValueError(f"target must be one of {TOY_TARGETS}, not {target!r}.")
         self.clip_size, self.image_size, self.latent_factor = clip_size, image_size, latent_factor
-        self.context_probability, self.global_view = context_probability, global_view
+        self.context_probability, self.global_view, self.target = context_probability, global_view, target
 
     def batch(self, rng: np.random.Generator, size: int) -> dict:
         from .toyworld.render import random_scene  # noqa: PLC0415
 
         scenes = [random_scene(int(seed), two_object_probability=0.0) for seed in rng.integers(0, 10**9, size)]
+        if self.target == "close-up":
+            scenes = [close_up(scene) for scene in scenes]
         images = [Image.fromarray(s.image) for s in scenes]
         seen = images if self.global_view == "image" else [object_crop(i, s.masks[0]) for i, s in zip(images, scenes)]
         masks = torch.from_numpy(np.stack([s.masks[0] for s in scenes])[:, None].astype(np.float32))

@@ -15,6 +15,7 @@
     python -m elite_tutorial.evaluation --described   # with the reference described in words, plain
                                                       # and through the mapper's k/v copies
     python -m elite_tutorial.evaluation --sayable     # on objects the toy language can say
+    python -m elite_tutorial.evaluation --sayable-inversion   # ... and what one optimised word makes of them
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .attention import elite_attention
+from .baselines import TI_PROFILES, TextualInversionRecipe, textual_inversion
 from .components import ASSETS_DIR, load_components
 from .mappers import GlobalMapper, LocalMapper
 from .metrics import MetricModels, clip_i, clip_t, dino_i, with_class_word
@@ -38,6 +40,7 @@ from .pipeline import TOY_DEFAULTS, ELITEPipeline, SamplingDefaults
 from .toyworld.concepts import CONCEPTS, PersonalConcept, concept_views
 from .toyworld.judge import ToyJudge
 from .toyworld.render import COLOURS, PATTERNS, SHAPES, SceneSpec, ToyObject, render
+from .words import encode_prompts_with_words
 
 IDENTITY = ("shape", "colour", "pattern")
 EDITS = {  # attribute -> (prompt, the value it asks for)
@@ -99,6 +102,18 @@ def words_generator(components, words: list[str], samples: int = 4, seed: int = 
         ids = c.tokenizer([with_class_word(prompt, phrase) for phrase in words], padding="max_length",
                           max_length=c.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
         return c.text_encoder(ids.to(c.device))[0]
+
+    return prompt_embeds_generator(c, embeds, samples, seed, defaults)
+
+
+def textual_inversion_generator(components, embeddings: torch.Tensor, samples: int, seed: int, defaults):
+    """Textual Inversion's words (concepts, width) at S, through the plain pipeline."""
+    c = components
+
+    @torch.no_grad()
+    def embeds(prompt: str) -> torch.Tensor:
+        words = embeddings.to(c.device, c.text_encoder.dtype)[:, None]
+        return encode_prompts_with_words([prompt] * len(embeddings), words, c.tokenizer, c.text_encoder)
 
     return prompt_embeds_generator(c, embeds, samples, seed, defaults)
 
@@ -210,6 +225,24 @@ def sayable_fidelity(pipe: ELITEPipeline, judge: ToyJudge, samples: int = 4, see
     return report
 
 
+def sayable_inversion_fidelity(components, judge: ToyJudge, samples: int = 4, seed: int = 0,
+                               objects: list[ToyObject] | None = None, initializer: str = "photo",
+                               recipe: TextualInversionRecipe = TI_PROFILES["toy"], progress: bool = True
+                               ) -> dict[str, float]:
+    """What one word can carry: Textual Inversion (`baselines.textual_inversion`, `recipe`, from
+    `initializer`, a word that names no attribute) fitted to each object's render, then "a photo of a
+    S" scored as `sayable_fidelity` scores w0. The mapper's w0 enters the same frozen text encoder and
+    UNet, so what this word reaches, a word computed from the image could. `objects` defaults to ten of
+    the twenty (`sayable_objects()[::2]`: each shape twice), as each inversion takes minutes on a CPU."""
+    objects = sayable_objects()[::2] if objects is None else objects
+    embeddings = [textual_inversion(components, [Image.fromarray(render(SceneSpec((obj,)))[0])], initializer,
+                                    recipe, seed=seed, progress=False).embedding
+                  for obj in tqdm(objects, desc="textual inversion", disable=not progress)]
+    generate = textual_inversion_generator(components, torch.stack(embeddings), samples, seed, TOY_DEFAULTS)
+    with torch.no_grad():
+        return _attribute_agreement(judge, generate("a photo of a S"), objects)
+
+
 @torch.no_grad()
 def fidelity_and_editability(pipe: ELITEPipeline, judge: ToyJudge, concepts=CONCEPTS, samples: int = 4,
                              seed: int = 0, local_scale: float = 0.8) -> dict:
@@ -268,6 +301,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="also score the reference that writes the judge's reading of each concept in words")
     parser.add_argument("--sayable", action="store_true",
                         help="also score the mapper on objects the toy language can say (see sayable_fidelity)")
+    parser.add_argument("--sayable-inversion", action="store_true",
+                        help="also score Textual Inversion on ten of those objects (minutes each; see "
+                             "sayable_inversion_fidelity)")
     args = parser.parse_args(argv)
     components = load_components("toy", device=args.device, dtype=torch.float32)
     local_mapper = LocalMapper.from_pretrained(args.local_mapper) if args.local_mapper else None
@@ -285,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
         report["described_in_words_through_the_mapper_key_values"] = score(through, judge, samples=args.samples)["summary"]
     if args.sayable:
         report["sayable_objects"] = sayable_fidelity(pipe, judge, samples=args.samples, seed=args.seed)
+    if args.sayable_inversion:
+        report["sayable_objects_textual_inversion"] = sayable_inversion_fidelity(components, judge, args.samples, args.seed)
     print(json.dumps(report, indent=1))
 
 

@@ -61,6 +61,23 @@ from .storage import atomic_directory, load_optimizer_tensors, optimizer_tensors
 from .words import encode_prompts_with_words, tokenize_with_placeholder
 
 
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def learning_rate_factor(schedule: str, step: int, steps: int) -> float:
+    """The learning rate of optimizer step `step` (0-based) of a `steps`-step run, as a fraction of the
+    recipe's. A rate that falls to 0 averages out the noise of the last steps' updates, which a constant
+    rate leaves in the final weights."""
+    progress = step / steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+
+
 @dataclass(frozen=True)
 class _Recipe:
     """The numbers both stages' training loops read."""
@@ -77,6 +94,9 @@ class _Recipe:
     keep_checkpoints: int = 3
     validate_every: int = 500
     seed: int = 0
+
+    def __post_init__(self):
+        learning_rate_factor(self.lr_schedule, 0, 1)  # an unknown schedule is refused here, not at the first step
 
 
 @dataclass(frozen=True)
@@ -121,23 +141,6 @@ LOCAL_PROFILES = {
     "smoke": LocalRecipe(steps=4, batch_size=2, gradient_accumulation=2, learning_rate=1e-4,
                          checkpoint_every=2, keep_checkpoints=2, validate_every=2),
 }
-
-
-LR_SCHEDULES = ("constant", "linear", "cosine")
-
-
-def learning_rate_factor(schedule: str, step: int, steps: int) -> float:
-    """The learning rate of optimizer step `step` (0-based) of a `steps`-step run, as a fraction of the
-    recipe's. A rate that falls to 0 averages out the noise of the last steps' updates, which a constant
-    rate leaves in the final weights."""
-    progress = step / steps
-    if schedule == "constant":
-        return 1.0
-    if schedule == "linear":
-        return 1.0 - progress
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
 
 
 @torch.no_grad()

@@ -1,15 +1,18 @@
 """The toy comparison table: every method scored on the same protocol, reproducible from its seed; the
 reference that describes each concept in words, plain and through a mapper's k/v copies."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from elite_tutorial import load_components
+from elite_tutorial.baselines import TI_PROFILES
 from elite_tutorial.comparison import METHODS, compare, table
 from elite_tutorial.components import ASSETS_DIR
 from elite_tutorial.evaluation import (JUDGE_FOLDER, _attribute_agreement, class_word_generator, concept_identity,
-                                       described, described_generator, sayable_fidelity, sayable_objects, score,
-                                       through_key_values, word_norms)
+                                       described, described_generator, sayable_fidelity, sayable_inversion_fidelity,
+                                       sayable_objects, score, through_key_values, word_norms)
 from elite_tutorial.mappers import GlobalMapper, LocalMapper
 from elite_tutorial.pipeline import ELITEPipeline
 from elite_tutorial.toyworld.concepts import CONCEPTS, concept_by_name, concept_views
@@ -94,6 +97,16 @@ def test_sayable_fidelity_reads_the_objects_said_in_words_as_themselves():
     assert set(report) == {"w0", "all words", "said in words"}
     assert report["said in words"]["shape"] >= 0.8 and report["said in words"]["fidelity"] >= 0.7
     assert all(0 <= value <= 1 for scores in report.values() for value in scores.values())
+
+
+def test_sayable_inversion_scores_each_objects_own_word():
+    """With no optimisation steps each word is its initializer: "star" draws stars, right for the
+    star and wrong for the circle."""
+    objects = [ToyObject("star", "red", "solid"), ToyObject("circle", "blue", "solid")]
+    unoptimised = replace(TI_PROFILES["smoke"], steps=0)
+    report = sayable_inversion_fidelity(load_components("toy", device="cpu"), ToyJudge.from_pretrained(JUDGE_FOLDER).eval(),
+                                        samples=2, objects=objects, initializer="star", recipe=unoptimised, progress=False)
+    assert report["shape"] == 0.5 and set(report) == {"shape", "colour", "pattern", "fidelity"}
 
 
 def test_word_norms_measure_each_word_beside_the_vocabulary():

@@ -13,13 +13,14 @@ from elite_tutorial.data import (
     ToyWorldSource,
     augment_for_clip,
     clip_pixels,
+    close_up,
     concept_folder,
     load_image,
     load_mask,
     object_crop,
     toy_prompt_with_placeholder,
 )
-from elite_tutorial.toyworld.render import POSITION_PHRASES, random_scene, random_spec
+from elite_tutorial.toyworld.render import POSITION_PHRASES, SIZES, random_scene, random_spec
 
 
 def test_every_pil_mode_becomes_8_bit_rgb():
@@ -135,6 +136,38 @@ def test_toy_global_view_shows_the_encoder_the_object_alone_and_the_unet_the_who
     assert torch.equal(object_view["clip_pixels"], torch.stack([augment_for_clip(crop, 32, rng) for crop in crops]))
     with pytest.raises(ValueError, match="global_view"):
         ToyWorldSource(clip_size=32, global_view="crop")
+
+
+def test_a_close_up_redraws_the_object_large_at_the_centre_on_the_same_background():
+    scene = next(s for s in (random_scene(seed, two_object_probability=0.0) for seed in range(50))
+                 if s.spec.objects[0].size == "small" and s.spec.objects[0].position != "center")
+    near = close_up(scene)
+    obj, big = scene.spec.objects[0], near.spec.objects[0]
+    assert (big.size, big.position, big.offset) == ("large", "center", (0.0, 0.0))
+    assert (big.shape, big.colour, big.pattern, big.rotation, big.scale) == (obj.shape, obj.colour, obj.pattern,
+                                                                              obj.rotation, obj.scale)
+    assert (near.spec.background, near.spec.texture_seed) == (scene.spec.background, scene.spec.texture_seed)
+    ys, xs = np.nonzero(near.masks[0])
+    assert abs(xs.mean() - 31.5) < 3 and abs(ys.mean() - 31.5) < 3
+    assert near.masks[0].sum() > (SIZES["large"] / SIZES["small"]) ** 2 / 2 * scene.masks[0].sum()
+    drawn = scene.masks[0] | near.masks[0]
+    near_drawn = np.any([np.roll(drawn, (dy, dx), (0, 1)) for dy in range(-2, 3) for dx in range(-2, 3)], axis=0)
+    background = ~near_drawn  # away from both objects' edges (pixels part covered) the pixels agree
+    assert np.array_equal(scene.image[background], near.image[background])
+
+
+def test_the_toy_close_up_target_is_what_the_unet_and_the_encoder_see():
+    rng = np.random.default_rng(5)
+    batch = ToyWorldSource(clip_size=32, target="close-up").batch(rng, 3)
+    rng = np.random.default_rng(5)  # the batch's draws: scenes, then the views' augmentation, then the prompts
+    scenes = [close_up(random_scene(int(seed), two_object_probability=0.0)) for seed in rng.integers(0, 10**9, 3)]
+    images = [Image.fromarray(scene.image) for scene in scenes]
+    assert torch.equal(batch["pixel_values"], torch.stack([torch.from_numpy(s.image.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)
+                                                          for s in scenes]))
+    assert torch.equal(batch["clip_pixels"], torch.stack([augment_for_clip(image, 32, rng) for image in images]))
+    assert all(" S" in prompt and "small" not in prompt for prompt in batch["prompts"])
+    with pytest.raises(ValueError, match="target"):
+        ToyWorldSource(clip_size=32, target="crop")
 
 
 def make_openimages_folder(root, boxes=6):

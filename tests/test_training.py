@@ -69,6 +69,8 @@ def test_learning_rate_schedules_fall_from_the_recipes_rate_to_zero():
     assert 0 < learning_rate_factor("cosine", 9, steps) < 0.05
     with pytest.raises(ValueError, match="constant, linear, cosine"):
         learning_rate_factor("step", 0, steps)
+    with pytest.raises(ValueError, match="'step'"):
+        replace(RECIPE, lr_schedule="step")
 
 
 def test_a_falling_rate_makes_the_last_update_smaller_than_a_constant_rate_does(tiny, tmp_path):
@@ -194,6 +196,7 @@ def test_key_value_anchor_adds_its_loss_and_holds_the_copies_nearer_the_unets(ti
 
 def test_the_command_trains_on_the_object_alone_with_its_pixels_weighted_and_min_snr(tmp_path):
     elite_train(["global", "--preset", "tiny-random", "--profile", "smoke", "--steps", "1", "--toy-global-view", "object",
+                 "--toy-global-target", "close-up",
                  "--object-loss-weight", "3", "--snr-gamma", "5", "--key-value-anchor", "1", "--lr-schedule", "cosine",
                  "--out", str(tmp_path / "run")])
     assert GlobalMapper.from_pretrained(tmp_path / "run" / "mapper").input_view == "object"

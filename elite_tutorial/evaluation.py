@@ -232,8 +232,8 @@ def sayable_inversion_fidelity(components, judge: ToyJudge, samples: int = 4, se
     """What one word can carry: Textual Inversion (`baselines.textual_inversion`, `recipe`, from
     `initializer`, a word that names no attribute) fitted to each object's render, then "a photo of a
     S" scored as `sayable_fidelity` scores w0. The mapper's w0 enters the same frozen text encoder and
-    UNet, so what this word reaches, a word computed from the image could. `objects` defaults to ten of
-    the twenty (`sayable_objects()[::2]`: each shape twice), as each inversion takes minutes on a CPU."""
+    UNet, so this shows what one word at S can make them draw. `objects` defaults to ten of the twenty
+    (`sayable_objects()[::2]`: each shape twice), as each inversion takes minutes on a CPU."""
     objects = sayable_objects()[::2] if objects is None else objects
     embeddings = [textual_inversion(components, [Image.fromarray(render(SceneSpec((obj,)))[0])], initializer,
                                     recipe, seed=seed, progress=False).embedding

@@ -20,16 +20,23 @@ from pathlib import Path
 import torch
 
 from .components import load_components
-from .data import GLOBAL_VIEWS, TOY_TARGETS, OpenImagesMaskSource, OpenImagesSource, ToyWorldSource
+from .data import GLOBAL_VIEWS, TOY_TARGETS, FixedObjectsSource, OpenImagesMaskSource, OpenImagesSource, ToyWorldSource
 from .mappers import GlobalMapper
 from .training import LOCAL_PROFILES, LR_SCHEDULES, PROFILES, recipe_with, train_global, train_local
 
 
 def _source(data: str, components, stage: str, context_probability: float = 0.5, global_view: str = "image",
-            target: str = "scene"):
+            target: str = "scene", fixed_objects: int | None = None):
     clip_size = components.image_encoder.config.image_size
     latent_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
     resolution = components.unet.config.sample_size * latent_factor
+    if data == "toy" and fixed_objects:
+        from .evaluation import SAYABLE_SUBSETS, sayable_objects  # noqa: PLC0415 (evaluation loads the pipeline)
+
+        chosen = sayable_objects()[SAYABLE_SUBSETS["even"]]
+        if not 1 <= fixed_objects <= len(chosen):
+            raise ValueError(f"--toy-fixed-objects takes 1 to {len(chosen)}, not {fixed_objects}.")
+        return FixedObjectsSource(chosen[:fixed_objects], clip_size=clip_size, image_size=resolution)
     if data == "toy":
         return ToyWorldSource(clip_size=clip_size, image_size=resolution, latent_factor=latent_factor,
                               context_probability=context_probability, global_view=global_view, target=target)
@@ -79,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     stage.add_argument("--toy-global-target", choices=TOY_TARGETS, default="scene",
                        help="toy data: the UNet's target, the scene as drawn or its object redrawn large at the centre "
                             "(as the authors' box crops fill the image with the object)")
+    stage.add_argument("--toy-fixed-objects", type=int,
+                       help="toy data: train on the first N of the ten sayable objects Textual Inversion is scored on "
+                            "(`--sayable-objects even` of the evaluation), each in its one render, instead of random scenes")
     stage = stages.add_parser("local", help="stage 2: the local mapping network (+ local k/v copies)")
     _common_options(stage, LOCAL_PROFILES)
     stage.add_argument("--global-mapper", required=True, type=Path, help="the trained global mapper's folder (frozen)")
@@ -99,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
                    gradient_checkpointing=args.gradient_checkpointing, data_workers=args.data_workers,
                    command=" ".join(["elite-train", *(sys.argv[1:] if argv is None else argv)]))
     source = _source(args.data, components, args.stage, getattr(args, "toy_context_probability", 0.5),
-                     getattr(args, "toy_global_view", "image"), getattr(args, "toy_global_target", "scene"))
+                     getattr(args, "toy_global_view", "image"), getattr(args, "toy_global_target", "scene"),
+                     getattr(args, "toy_fixed_objects", None))
     if args.stage == "global":
         mapper = train_global(components, source, args.out, recipe, **options)
     else:

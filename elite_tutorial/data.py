@@ -292,6 +292,41 @@ class ToyWorldSource:
         return [(Image.fromarray(image), mask) for image, mask in (render_concept(c) for c in CONCEPTS[:4])]
 
 
+class FixedObjectsSource:
+    """A few toy objects, each in its one render (large, at the centre, on grey) and captioned "a photo
+    of a S": Textual Inversion's setting, for many objects at once. The encoder sees each object alone
+    (`object_crop`, augmented as in training). A mapper trained here can fit the objects it is shown;
+    scoring it on others says whether it learnt to read objects or only those ones."""
+
+    global_view = "object"
+
+    def __init__(self, objects, clip_size: int, image_size: int = 64):
+        from .toyworld.render import SceneSpec, render  # noqa: PLC0415 (toy data only)
+
+        if not objects:
+            raise ValueError("FixedObjectsSource needs at least one object.")
+        self.renders = [render(SceneSpec((obj,))) for obj in objects]  # (image (H, W, 3) uint8, masks)
+        self.clip_size, self.image_size = clip_size, image_size
+
+    def batch(self, rng: np.random.Generator, size: int) -> dict:
+        picks = rng.integers(0, len(self.renders), size)
+        images = [Image.fromarray(self.renders[k][0]) for k in picks]
+        masks = [self.renders[k][1][0] for k in picks]
+        mask_tensor = torch.from_numpy(np.stack(masks)[:, None].astype(np.float32))
+        return {"pixel_values": torch.stack([_to_unit_range(i, self.image_size) for i in images]),
+                "target_object_mask": F.adaptive_avg_pool2d(mask_tensor, self.image_size),
+                "clip_pixels": torch.stack([augment_for_clip(object_crop(i, m), self.clip_size, rng)
+                                            for i, m in zip(images, masks)]),
+                "prompts": ["a photo of a S"] * size}
+
+    def validation_images(self) -> list[Image.Image]:
+        return [image for image, _ in self.validation_concepts()]
+
+    def validation_concepts(self) -> list[tuple[Image.Image, np.ndarray]]:
+        """(image, mask) of the first four objects."""
+        return [(Image.fromarray(image), masks[0]) for image, masks in self.renders[:4]]
+
+
 # --------------------------------------------------------------------------------------------------
 # Training samples for the local mapper (stage 2).
 

@@ -184,6 +184,11 @@ def score(generate: Generate, judge: ToyJudge, concepts=CONCEPTS, samples: int =
     return {"summary": summary, "concepts": rows}
 
 
+# Halves of `sayable_objects()`: "even" has each shape twice, with two of its patterns (what
+# `sayable_inversion_fidelity` fits, and `elite-train --toy-fixed-objects` trains on); "odd" the rest.
+SAYABLE_SUBSETS = {"all": slice(None), "even": slice(0, None, 2), "odd": slice(1, None, 2)}
+
+
 def sayable_objects() -> list[ToyObject]:
     """Twenty objects the toy language can say, one per shape and pattern, the colours in turn: the
     kind of object the mapper is trained on, in the setting of a concept's first view (centre, large)."""
@@ -234,7 +239,7 @@ def sayable_inversion_fidelity(components, judge: ToyJudge, samples: int = 4, se
     S" scored as `sayable_fidelity` scores w0. The mapper's w0 enters the same frozen text encoder and
     UNet, so this shows what one word at S can make them draw. `objects` defaults to ten of the twenty
     (`sayable_objects()[::2]`: each shape twice), as each inversion takes minutes on a CPU."""
-    objects = sayable_objects()[::2] if objects is None else objects
+    objects = sayable_objects()[SAYABLE_SUBSETS["even"]] if objects is None else objects
     embeddings = [textual_inversion(components, [Image.fromarray(render(SceneSpec((obj,)))[0])], initializer,
                                     recipe, seed=seed, progress=False).embedding
                   for obj in tqdm(objects, desc="textual inversion", disable=not progress)]
@@ -301,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="also score the reference that writes the judge's reading of each concept in words")
     parser.add_argument("--sayable", action="store_true",
                         help="also score the mapper on objects the toy language can say (see sayable_fidelity)")
+    parser.add_argument("--sayable-objects", choices=sorted(SAYABLE_SUBSETS), default="all",
+                        help="with --sayable: all twenty, or a half (even: the ten --toy-fixed-objects trains on)")
     parser.add_argument("--sayable-inversion", action="store_true",
                         help="also score Textual Inversion on ten of those objects (minutes each; see "
                              "sayable_inversion_fidelity)")
@@ -320,7 +327,9 @@ def main(argv: list[str] | None = None) -> None:
         through = through_key_values(reference, components, pipe.global_mapper)
         report["described_in_words_through_the_mapper_key_values"] = score(through, judge, samples=args.samples)["summary"]
     if args.sayable:
-        report["sayable_objects"] = sayable_fidelity(pipe, judge, samples=args.samples, seed=args.seed)
+        objects = sayable_objects()[SAYABLE_SUBSETS[args.sayable_objects]]
+        report["sayable_objects"] = sayable_fidelity(pipe, judge, samples=args.samples, seed=args.seed, objects=objects)
+        report["sayable_objects"]["objects"] = args.sayable_objects
     if args.sayable_inversion:
         report["sayable_objects_textual_inversion"] = sayable_inversion_fidelity(components, judge, args.samples, args.seed)
     print(json.dumps(report, indent=1))

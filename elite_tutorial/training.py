@@ -290,9 +290,9 @@ def _validation_grid(components: Components, mapper: GlobalMapper, source: Train
     # copies: the pipeline casts its mappers to the models' dtype
     pipe = ELITEPipeline(components, copy.deepcopy(mapper), local_mapper and copy.deepcopy(local_mapper))
     pipe.sd_pipeline.set_progress_bar_config(disable=True)
-    if local_mapper is None:
+    if local_mapper is None and mapper.input_view == "image":
         references = [(image, None) for image in source.validation_images()]
-    else:
+    else:  # the local branch, and a mapper that reads the object alone, need each object's mask
         references = source.validation_concepts()
     generated = []
     for index, (image, mask) in enumerate(references):

@@ -1,5 +1,6 @@
 """Images of any kind in, the encoders' inputs out; concept folders; training samples."""
 import csv
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from PIL import Image
 
 from elite_tutorial.components import ASSETS_DIR
 from elite_tutorial.data import (
+    FixedObjectsSource,
     OpenImagesMaskSource,
     OpenImagesSource,
     ToyWorldSource,
@@ -20,7 +22,8 @@ from elite_tutorial.data import (
     object_crop,
     toy_prompt_with_placeholder,
 )
-from elite_tutorial.toyworld.render import POSITION_PHRASES, SIZES, random_scene, random_spec
+from elite_tutorial.evaluation import SAYABLE_SUBSETS, sayable_objects
+from elite_tutorial.toyworld.render import POSITION_PHRASES, SIZES, SceneSpec, random_scene, random_spec, render
 
 
 def test_every_pil_mode_becomes_8_bit_rgb():
@@ -168,6 +171,31 @@ def test_the_toy_close_up_target_is_what_the_unet_and_the_encoder_see():
     assert all(" S" in prompt and "small" not in prompt for prompt in batch["prompts"])
     with pytest.raises(ValueError, match="target"):
         ToyWorldSource(clip_size=32, target="crop")
+
+
+def test_fixed_objects_are_drawn_in_their_one_render_and_seen_alone():
+    objects = sayable_objects()[:3]
+    source = FixedObjectsSource(objects, clip_size=32)
+    batch = source.batch(np.random.default_rng(2), 6)
+    rng = np.random.default_rng(2)  # the batch's draws: which objects, then the views' augmentation
+    picks = rng.integers(0, 3, 6)
+    renders = [render(SceneSpec((objects[k],))) for k in picks]
+    assert torch.equal(batch["pixel_values"], torch.stack([torch.from_numpy(image.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)
+                                                          for image, _ in renders]))
+    assert torch.equal(batch["clip_pixels"], torch.stack([augment_for_clip(object_crop(Image.fromarray(image), masks[0]), 32, rng)
+                                                         for image, masks in renders]))
+    assert torch.equal(batch["target_object_mask"][:, 0] > 0, torch.from_numpy(np.stack([m[0] for _, m in renders])))
+    assert batch["prompts"] == ["a photo of a S"] * 6 and source.global_view == "object"
+    assert [mask.sum() for _, mask in source.validation_concepts()] == [r[1][0].sum() for r in source.renders]
+    with pytest.raises(ValueError, match="at least one object"):
+        FixedObjectsSource([], clip_size=32)
+
+
+def test_the_sayable_halves_split_the_twenty_objects_each_shape_twice_in_the_even_half():
+    everything = sayable_objects()[SAYABLE_SUBSETS["all"]]
+    even, odd = sayable_objects()[SAYABLE_SUBSETS["even"]], sayable_objects()[SAYABLE_SUBSETS["odd"]]
+    assert len(everything) == 20 and sorted(map(str, even + odd)) == sorted(map(str, everything))
+    assert Counter(obj.shape for obj in even) == Counter({shape: 2 for shape in {o.shape for o in everything}})
 
 
 def make_openimages_folder(root, boxes=6):

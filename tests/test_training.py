@@ -205,6 +205,17 @@ def test_the_command_trains_on_the_object_alone_with_its_pixels_weighted_and_min
     assert recipe["lr_schedule"] == "cosine"
 
 
+def test_the_command_trains_on_fixed_objects_and_validates_them_with_their_masks(tmp_path, recwarn):
+    elite_train(["global", "--preset", "tiny-random", "--profile", "smoke", "--steps", "2", "--toy-fixed-objects", "3",
+                 "--out", str(tmp_path / "run")])
+    assert GlobalMapper.from_pretrained(tmp_path / "run" / "mapper").input_view == "object"
+    assert (tmp_path / "run" / "validation" / "step-000002.png").is_file()
+    assert not [w for w in recwarn if "without a mask" in str(w.message)]  # the validation grid passed the masks
+    with pytest.raises(ValueError, match="1 to 10"):
+        elite_train(["global", "--preset", "tiny-random", "--profile", "smoke", "--toy-fixed-objects", "11",
+                     "--out", str(tmp_path / "too-many")])
+
+
 def test_the_command_trains_on_an_openimages_folder(tmp_path):
     folder = make_openimages_folder(tmp_path / "oi")
     elite_train(["global", "--preset", "tiny-random", "--profile", "smoke", "--steps", "2",

@@ -170,6 +170,11 @@ def _to_unit_range(image: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(pixels / 127.5 - 1).permute(2, 0, 1)
 
 
+def _object_mask(masks: np.ndarray, size: int) -> torch.Tensor:
+    """(B, H, W) boolean object masks -> (B, 1, size, size): the fraction of each target pixel the object covers."""
+    return F.adaptive_avg_pool2d(torch.from_numpy(masks[:, None].astype(np.float32)), size)
+
+
 class TrainingSource(Protocol):
     """Where training samples come from. `batch` is a pure function of `rng` (exact resume)."""
 
@@ -250,9 +255,8 @@ class ToyWorldSource:
             scenes = [close_up(scene) for scene in scenes]
         images = [Image.fromarray(s.image) for s in scenes]
         seen = images if self.global_view == "image" else [object_crop(i, s.masks[0]) for i, s in zip(images, scenes)]
-        masks = torch.from_numpy(np.stack([s.masks[0] for s in scenes])[:, None].astype(np.float32))
         return {"pixel_values": torch.stack([_to_unit_range(i, self.image_size) for i in images]),
-                "target_object_mask": F.adaptive_avg_pool2d(masks, self.image_size),
+                "target_object_mask": _object_mask(np.stack([s.masks[0] for s in scenes]), self.image_size),
                 "clip_pixels": torch.stack([augment_for_clip(i, self.clip_size, rng) for i in seen]),
                 "prompts": [toy_prompt_with_placeholder(s.spec, rng, context_probability=self.context_probability)
                             for s in scenes]}
@@ -312,9 +316,8 @@ class FixedObjectsSource:
         picks = rng.integers(0, len(self.renders), size)
         images = [Image.fromarray(self.renders[k][0]) for k in picks]
         masks = [self.renders[k][1][0] for k in picks]
-        mask_tensor = torch.from_numpy(np.stack(masks)[:, None].astype(np.float32))
         return {"pixel_values": torch.stack([_to_unit_range(i, self.image_size) for i in images]),
-                "target_object_mask": F.adaptive_avg_pool2d(mask_tensor, self.image_size),
+                "target_object_mask": _object_mask(np.stack(masks), self.image_size),
                 "clip_pixels": torch.stack([augment_for_clip(object_crop(i, m), self.clip_size, rng)
                                             for i, m in zip(images, masks)]),
                 "prompts": ["a photo of a S"] * size}

@@ -184,8 +184,8 @@ def score(generate: Generate, judge: ToyJudge, concepts=CONCEPTS, samples: int =
     return {"summary": summary, "concepts": rows}
 
 
-# Halves of `sayable_objects()`: "even" has each shape twice, with two of its patterns (what
-# `sayable_inversion_fidelity` fits, and `elite-train --toy-fixed-objects` trains on); "odd" the rest.
+# Halves of `sayable_objects()`: "even" has each shape solid and dotted (what `sayable_inversion_fidelity`
+# fits, and `elite-train --toy-fixed-objects` trains on); "odd" each shape striped and checkered.
 SAYABLE_SUBSETS = {"all": slice(None), "even": slice(0, None, 2), "odd": slice(1, None, 2)}
 
 

@@ -58,6 +58,10 @@ def _common_options(stage: argparse.ArgumentParser, profiles) -> None:
     stage.add_argument("--lr-schedule", choices=LR_SCHEDULES,
                        help="the learning rate over the run: constant (the profiles'), or down to 0 at the last step")
     stage.add_argument("--seed", type=int)
+    stage.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (the profile's by default)")
+    stage.add_argument("--keep-checkpoints", type=int,
+                       help="how many of the newest checkpoints to keep (the profile's by default; e.g. all of them, "
+                            "to score a run at several lengths)")
     stage.add_argument("--key-value-lr-scale", type=float,
                        help="the k/v copies' learning rate as a multiple of the mapper's (0 keeps them frozen)")
     stage.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
@@ -97,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
 
     overrides = dict(steps=args.steps, batch_size=args.batch_size, gradient_accumulation=args.gradient_accumulation,
                      learning_rate=args.learning_rate, reg_weight=args.reg_weight, seed=args.seed,
-                     key_value_lr_scale=args.key_value_lr_scale, lr_schedule=args.lr_schedule)
+                     key_value_lr_scale=args.key_value_lr_scale, lr_schedule=args.lr_schedule,
+                     checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints)
     if args.stage == "global":
         overrides.update(num_words=args.num_words, object_loss_weight=args.object_loss_weight,
                          snr_gamma=args.snr_gamma, key_value_anchor=args.key_value_anchor)

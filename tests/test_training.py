@@ -205,6 +205,15 @@ def test_the_command_trains_on_the_object_alone_with_its_pixels_weighted_and_min
     assert recipe["lr_schedule"] == "cosine"
 
 
+def test_the_command_keeps_the_checkpoints_it_is_told_to(tmp_path):
+    elite_train(["global", "--preset", "tiny-random", "--profile", "smoke", "--steps", "4", "--checkpoint-every", "1",
+                 "--keep-checkpoints", "4", "--out", str(tmp_path / "run")])
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["step-000001", "step-000002", "step-000003", "step-000004"]  # the smoke profile keeps 2
+    recipe = json.loads((tmp_path / "run" / "log.json").read_text())["recipe"]
+    assert recipe["checkpoint_every"] == 1 and recipe["keep_checkpoints"] == 4
+
+
 def test_the_command_trains_on_fixed_objects_and_validates_them_with_their_masks(tmp_path, recwarn):
     elite_train(["global", "--preset", "tiny-random", "--profile", "smoke", "--steps", "2", "--toy-fixed-objects", "3",
                  "--out", str(tmp_path / "run")])

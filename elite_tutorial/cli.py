@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from .components import load_components
-from .data import GLOBAL_VIEWS, TOY_TARGETS, FixedObjectsSource, OpenImagesMaskSource, OpenImagesSource, ToyWorldSource
+from .data import GLOBAL_VIEWS, TOY_CONTEXT_PROBABILITY, TOY_TARGETS, FixedObjectsSource, OpenImagesMaskSource, OpenImagesSource, ToyWorldSource
 from .mappers import GlobalMapper
 from .training import LOCAL_PROFILES, LR_SCHEDULES, PROFILES, recipe_with, train_global, train_local
 
 
-def _source(data: str, components, stage: str, context_probability: float = 0.5, global_view: str = "image",
+def _source(data: str, components, stage: str, context_probability: float = TOY_CONTEXT_PROBABILITY, global_view: str = "image",
             target: str = "scene", fixed_objects: int | None = None):
     clip_size = components.image_encoder.config.image_size
     latent_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     _common_options(stage, PROFILES)
     stage.add_argument("--num-words", type=int, help="words injected in training (1 for the ablation)")
     stage.add_argument("--reg-weight", type=float, help="weight of mean |words| (0 for the ablation)")
-    stage.add_argument("--toy-context-probability", type=float, default=0.5,
+    stage.add_argument("--toy-context-probability", type=float, default=TOY_CONTEXT_PROBABILITY,
                        help="toy data: how often a caption says the object's size, its position and the background")
     stage.add_argument("--object-loss-weight", type=float,
                        help="weight of the object's pixels in the diffusion loss, the rest 1 (toy data; default 1)")
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     options = dict(resume=args.resume == "latest", mixed_precision=args.mixed_precision,
                    gradient_checkpointing=args.gradient_checkpointing, data_workers=args.data_workers,
                    command=" ".join(["elite-train", *(sys.argv[1:] if argv is None else argv)]))
-    source = _source(args.data, components, args.stage, getattr(args, "toy_context_probability", 0.5),
+    source = _source(args.data, components, args.stage, getattr(args, "toy_context_probability", TOY_CONTEXT_PROBABILITY),
                      getattr(args, "toy_global_view", "image"), getattr(args, "toy_global_target", "scene"),
                      getattr(args, "toy_fixed_objects", None))
     if args.stage == "global":

@@ -43,6 +43,8 @@ ImageLike = str | os.PathLike | Image.Image | np.ndarray
 GLOBAL_VIEWS = ("image", "object")
 # What the UNet learns to draw from the words in toy stage-1 training: the scene, or its `close_up`.
 TOY_TARGETS = ("scene", "close-up")
+# How often a toy training caption says the object's size, its position and the background (each)
+TOY_CONTEXT_PROBABILITY = 0.5
 
 
 def clip_normalise(pixels01: torch.Tensor) -> torch.Tensor:
@@ -201,7 +203,7 @@ class LocalTrainingSource(Protocol):
 
 
 def toy_prompt_with_placeholder(spec, rng: np.random.Generator, placeholder: str = "S",
-                                context_probability: float = 0.5) -> str:
+                                context_probability: float = TOY_CONTEXT_PROBABILITY) -> str:
     """'a photo of a large S on the left, on a grass background', each of size, position and
     background said with probability `context_probability`. A toy training image is a scene (or its
     `close_up`), not a tight crop of the object as in the authors' data, so the caption names the rest
@@ -238,7 +240,8 @@ class ToyWorldSource:
     "object", the object alone (`object_crop`).
     """
 
-    def __init__(self, clip_size: int, image_size: int = 64, latent_factor: int = 4, context_probability: float = 0.5,
+    def __init__(self, clip_size: int, image_size: int = 64, latent_factor: int = 4,
+                 context_probability: float = TOY_CONTEXT_PROBABILITY,
                  global_view: str = "image", target: str = "scene"):
         if global_view not in GLOBAL_VIEWS:
             raise ValueError(f"global_view must be one of {GLOBAL_VIEWS}, not {global_view!r}.")

@@ -26,16 +26,16 @@ from .training import LOCAL_PROFILES, LR_SCHEDULES, PROFILES, recipe_with, train
 
 
 def _source(data: str, components, stage: str, context_probability: float = TOY_CONTEXT_PROBABILITY, global_view: str = "image",
-            target: str = "scene", fixed_objects: int | None = None):
+            target: str = "scene", fixed_objects: int | None = None, fixed_kind: str = "shape-pattern"):
     clip_size = components.image_encoder.config.image_size
     latent_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
     resolution = components.unet.config.sample_size * latent_factor
     if data == "toy" and fixed_objects:
         from .evaluation import SAYABLE_SUBSETS, sayable_objects  # noqa: PLC0415 (evaluation loads the pipeline)
 
-        chosen = sayable_objects()[SAYABLE_SUBSETS["even"]]
+        chosen = sayable_objects(fixed_kind)[SAYABLE_SUBSETS["even"]]
         if not 1 <= fixed_objects <= len(chosen):
-            raise ValueError(f"--toy-fixed-objects takes 1 to {len(chosen)}, not {fixed_objects}.")
+            raise ValueError(f"--toy-fixed-objects takes 1 to {len(chosen)} for {fixed_kind}, not {fixed_objects}.")
         return FixedObjectsSource(chosen[:fixed_objects], clip_size=clip_size, image_size=resolution)
     if data == "toy":
         return ToyWorldSource(clip_size=clip_size, image_size=resolution, latent_factor=latent_factor,
@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     stage.add_argument("--toy-fixed-objects", type=int,
                        help="toy data: train on the first N of the ten sayable objects Textual Inversion is scored on "
                             "(`--sayable-objects even` of the evaluation), each in its one render, instead of random scenes")
+    stage.add_argument("--toy-fixed-kind", default="shape-pattern",
+                       help="with --toy-fixed-objects: which sayable objects, 'shape-pattern' (each shape solid and dotted, "
+                            "ten) or 'shape-colour' (half the pairings of every shape and colour, solid, twenty; "
+                            "the evaluation's --sayable-kind)")
     stage = stages.add_parser("local", help="stage 2: the local mapping network (+ local k/v copies)")
     _common_options(stage, LOCAL_PROFILES)
     stage.add_argument("--global-mapper", required=True, type=Path, help="the trained global mapper's folder (frozen)")
@@ -103,9 +107,13 @@ def main(argv: list[str] | None = None) -> None:
                      learning_rate=args.learning_rate, reg_weight=args.reg_weight, seed=args.seed,
                      key_value_lr_scale=args.key_value_lr_scale, lr_schedule=args.lr_schedule,
                      checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints)
+    toy_options = {}  # the toy stream's options exist for stage 1 only
     if args.stage == "global":
         overrides.update(num_words=args.num_words, object_loss_weight=args.object_loss_weight,
                          snr_gamma=args.snr_gamma, key_value_anchor=args.key_value_anchor)
+        toy_options = dict(context_probability=args.toy_context_probability, global_view=args.toy_global_view,
+                           target=args.toy_global_target, fixed_objects=args.toy_fixed_objects,
+                           fixed_kind=args.toy_fixed_kind)
     recipe = recipe_with(args.profile, args.stage, **overrides)
     # frozen models in the compute dtype; the mapper keeps fp32 weights (autocast does the rest)
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
@@ -113,9 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     options = dict(resume=args.resume == "latest", mixed_precision=args.mixed_precision,
                    gradient_checkpointing=args.gradient_checkpointing, data_workers=args.data_workers,
                    command=" ".join(["elite-train", *(sys.argv[1:] if argv is None else argv)]))
-    source = _source(args.data, components, args.stage, getattr(args, "toy_context_probability", TOY_CONTEXT_PROBABILITY),
-                     getattr(args, "toy_global_view", "image"), getattr(args, "toy_global_target", "scene"),
-                     getattr(args, "toy_fixed_objects", None))
+    source = _source(args.data, components, args.stage, **toy_options)
     if args.stage == "global":
         mapper = train_global(components, source, args.out, recipe, **options)
     else:

@@ -184,17 +184,27 @@ def score(generate: Generate, judge: ToyJudge, concepts=CONCEPTS, samples: int =
     return {"summary": summary, "concepts": rows}
 
 
-# Halves of `sayable_objects()`: "even" has each shape solid and dotted (what `sayable_inversion_fidelity`
-# fits, and `elite-train --toy-fixed-objects` trains on); "odd" each shape striped and checkered.
+# Halves of `sayable_objects(kind)`. Shape by pattern: "even" has each shape solid and dotted (what
+# `sayable_inversion_fidelity` fits), "odd" each shape striped and checkered. Shape by colour: each half
+# has every shape in four colours and every colour on two or three shapes, each pairing in one half
+# only, so a mapper trained on one half and scored on the other meets every shape and every colour it
+# learnt, in pairings it never saw. `elite-train --toy-fixed-objects` trains on an "even" half.
 SAYABLE_SUBSETS = {"all": slice(None), "even": slice(0, None, 2), "odd": slice(1, None, 2)}
+SAYABLE_KINDS = ("shape-pattern", "shape-colour")
 
 
-def sayable_objects() -> list[ToyObject]:
-    """Twenty objects the toy language can say, one per shape and pattern, the colours in turn: the
-    kind of object the mapper is trained on, in the setting of a concept's first view (centre, large)."""
+def sayable_objects(kind: str = "shape-pattern") -> list[ToyObject]:
+    """Objects the toy language can say, shape-major, in the setting of a concept's first view (centre,
+    large): "shape-pattern", twenty, each shape with each pattern, the colours in turn (the kind of
+    object the mapper is trained on); "shape-colour", forty, each shape in each colour, solid."""
     colours = list(COLOURS)
-    return [ToyObject(shape, colours[(s + 3 * p) % len(colours)], pattern)
-            for s, shape in enumerate(SHAPES) for p, pattern in enumerate(PATTERNS)]
+    if kind == "shape-pattern":
+        return [ToyObject(shape, colours[(s + 3 * p) % len(colours)], pattern)
+                for s, shape in enumerate(SHAPES) for p, pattern in enumerate(PATTERNS)]
+    if kind == "shape-colour":  # shape s's colours start at colour s, so the even half pairs parities
+        return [ToyObject(shape, colours[(s + c) % len(colours)], "solid")
+                for s, shape in enumerate(SHAPES) for c in range(len(colours))]
+    raise ValueError(f"unknown kind of sayable objects {kind!r}; choose one of {', '.join(SAYABLE_KINDS)}")
 
 
 def _attribute_agreement(judge: ToyJudge, images: np.ndarray, objects: list[ToyObject]) -> dict[str, float]:
@@ -307,7 +317,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sayable", action="store_true",
                         help="also score the mapper on objects the toy language can say (see sayable_fidelity)")
     parser.add_argument("--sayable-objects", choices=sorted(SAYABLE_SUBSETS), default="all",
-                        help="with --sayable: all twenty, or a half (even: the ten --toy-fixed-objects trains on)")
+                        help="with --sayable: all of them, or a half (even: the one --toy-fixed-objects trains on)")
+    parser.add_argument("--sayable-kind", choices=SAYABLE_KINDS, default="shape-pattern",
+                        help="with --sayable: each shape with each pattern (twenty), or in each colour, solid (forty)")
     parser.add_argument("--sayable-inversion", action="store_true",
                         help="also score Textual Inversion on ten of those objects (minutes each; see "
                              "sayable_inversion_fidelity)")
@@ -327,9 +339,9 @@ def main(argv: list[str] | None = None) -> None:
         through = through_key_values(reference, components, pipe.global_mapper)
         report["described_in_words_through_the_mapper_key_values"] = score(through, judge, samples=args.samples)["summary"]
     if args.sayable:
-        objects = sayable_objects()[SAYABLE_SUBSETS[args.sayable_objects]]
+        objects = sayable_objects(args.sayable_kind)[SAYABLE_SUBSETS[args.sayable_objects]]
         report["sayable_objects"] = sayable_fidelity(pipe, judge, samples=args.samples, seed=args.seed, objects=objects)
-        report["sayable_objects"]["objects"] = args.sayable_objects
+        report["sayable_objects"].update(kind=args.sayable_kind, objects=args.sayable_objects)
     if args.sayable_inversion:
         report["sayable_objects_textual_inversion"] = sayable_inversion_fidelity(components, judge, args.samples, args.seed)
     print(json.dumps(report, indent=1))

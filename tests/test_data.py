@@ -198,6 +198,19 @@ def test_the_sayable_halves_split_the_twenty_objects_each_shape_twice_in_the_eve
     assert Counter(obj.shape for obj in even) == Counter({shape: 2 for shape in {o.shape for o in everything}})
 
 
+def test_the_shape_colour_halves_pair_every_shape_and_colour_but_never_the_same_way():
+    everything = sayable_objects("shape-colour")
+    even, odd = (everything[SAYABLE_SUBSETS[half]] for half in ("even", "odd"))
+    pairs = {half: {(o.shape, o.colour) for o in objects} for half, objects in (("even", even), ("odd", odd))}
+    assert len(everything) == 40 and all(o.pattern == "solid" for o in everything)
+    assert len(pairs["even"]) == len(pairs["odd"]) == 20 and not pairs["even"] & pairs["odd"]
+    for objects in (even, odd):  # each half meets every shape and every colour
+        assert set(Counter(o.shape for o in objects).values()) == {4}
+        assert set(Counter(o.colour for o in objects).values()) == {2, 3}
+    with pytest.raises(ValueError, match="shape-colour"):
+        sayable_objects("shape-size")
+
+
 def make_openimages_folder(root, boxes=6):
     """A small OpenImages-layout folder: a box table, images, and one unreadable image."""
     (root / "annotations").mkdir(parents=True)

@@ -223,6 +223,9 @@ def test_the_command_trains_on_fixed_objects_and_validates_them_with_their_masks
     with pytest.raises(ValueError, match="1 to 10"):
         elite_train(["global", "--preset", "tiny-random", "--profile", "smoke", "--toy-fixed-objects", "11",
                      "--out", str(tmp_path / "too-many")])
+    with pytest.raises(ValueError, match="1 to 20 for shape-colour"):  # the other kind has twenty in its half
+        elite_train(["global", "--preset", "tiny-random", "--profile", "smoke", "--toy-fixed-objects", "21",
+                     "--toy-fixed-kind", "shape-colour", "--out", str(tmp_path / "too-many")])
 
 
 def test_the_command_trains_on_an_openimages_folder(tmp_path):

@@ -20,13 +20,15 @@ from pathlib import Path
 import torch
 
 from .components import load_components
-from .data import GLOBAL_VIEWS, TOY_CONTEXT_PROBABILITY, TOY_TARGETS, FixedObjectsSource, OpenImagesMaskSource, OpenImagesSource, ToyWorldSource
+from .data import (GLOBAL_VIEWS, TOY_CONTEXT_PROBABILITY, TOY_TARGETS, FixedObjectsSource, OpenImagesMaskSource,
+                   OpenImagesSource, ToyWorldSource)
 from .mappers import GlobalMapper
 from .training import LOCAL_PROFILES, LR_SCHEDULES, PROFILES, recipe_with, train_global, train_local
 
 
-def _source(data: str, components, stage: str, context_probability: float = TOY_CONTEXT_PROBABILITY, global_view: str = "image",
-            target: str = "scene", fixed_objects: int | None = None, fixed_kind: str = "shape-pattern"):
+def _source(data: str, components, stage: str, context_probability: float = TOY_CONTEXT_PROBABILITY,
+            global_view: str = "image", target: str = "scene", fixed_objects: int | None = None,
+            fixed_kind: str = "shape-pattern"):
     clip_size = components.image_encoder.config.image_size
     latent_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
     resolution = components.unet.config.sample_size * latent_factor
@@ -91,8 +93,9 @@ def main(argv: list[str] | None = None) -> None:
                        help="toy data: the UNet's target, the scene as drawn or its object redrawn large at the centre "
                             "(as the authors' box crops fill the image with the object)")
     stage.add_argument("--toy-fixed-objects", type=int,
-                       help="toy data: train on the first N of the ten sayable objects Textual Inversion is scored on "
-                            "(`--sayable-objects even` of the evaluation), each in its one render, instead of random scenes")
+                       help="toy data: train on the first N of the even half of the sayable objects (`--sayable-objects "
+                            "even` of the evaluation; by default the ten Textual Inversion is scored on), each in its one "
+                            "render, instead of random scenes")
     stage.add_argument("--toy-fixed-kind", default="shape-pattern",
                        help="with --toy-fixed-objects: which sayable objects, 'shape-pattern' (each shape solid and dotted, "
                             "ten) or 'shape-colour' (half the pairings of every shape and colour, solid, twenty; "

@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="toy data: train on the first N of the even half of the sayable objects (`--sayable-objects "
                             "even` of the evaluation; by default the ten Textual Inversion is scored on), each in its one "
                             "render, instead of random scenes")
+    stage.add_argument("--init-mapper", type=Path,
+                       help="start from this global mapper's weights (a mapper folder) instead of fresh ones")
     stage.add_argument("--toy-fixed-kind", default="shape-pattern",
                        help="with --toy-fixed-objects: which sayable objects, 'shape-pattern' (each shape solid and dotted, "
                             "ten) or 'shape-colour' (half the pairings of every shape and colour, solid, twenty; "
@@ -126,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
                    command=" ".join(["elite-train", *(sys.argv[1:] if argv is None else argv)]))
     source = _source(args.data, components, args.stage, **toy_options)
     if args.stage == "global":
-        mapper = train_global(components, source, args.out, recipe, **options)
+        initial = GlobalMapper.from_pretrained(args.init_mapper) if args.init_mapper else None
+        mapper = train_global(components, source, args.out, recipe, initial_mapper=initial, **options)
     else:
         mapper = train_local(components, GlobalMapper.from_pretrained(args.global_mapper), source, args.out, recipe, **options)
     print(f"{args.stage} mapper ({sum(p.numel() for p in mapper.parameters()) / 1e6:.2f} M parameters) -> {args.out / 'mapper'}")

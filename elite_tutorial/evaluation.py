@@ -15,6 +15,7 @@
     python -m elite_tutorial.evaluation --described   # with the reference described in words, plain
                                                       # and through the mapper's k/v copies
     python -m elite_tutorial.evaluation --sayable     # on objects the toy language can say
+    python -m elite_tutorial.evaluation --components toy-sd-compound --mapper <run>/mapper   # other toy components
     python -m elite_tutorial.evaluation --sayable-inversion   # ... and what one optimised word makes of them
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .components import ASSETS_DIR, load_components
 from .mappers import GlobalMapper, LocalMapper
 from .metrics import MetricModels, clip_i, clip_t, dino_i, with_class_word
 from .pipeline import TOY_DEFAULTS, ELITEPipeline, SamplingDefaults
+from .toyworld.compounds import compound_embeddings
 from .toyworld.concepts import CONCEPTS, PersonalConcept, concept_views
 from .toyworld.judge import ToyJudge
 from .toyworld.render import COLOURS, PATTERNS, SHAPES, SceneSpec, ToyObject, render
@@ -107,7 +109,8 @@ def words_generator(components, words: list[str], samples: int = 4, seed: int = 
 
 
 def textual_inversion_generator(components, embeddings: torch.Tensor, samples: int, seed: int, defaults):
-    """Textual Inversion's words (concepts, width) at S, through the plain pipeline."""
+    """One word per concept (concepts, width) at S, through the plain pipeline: Textual Inversion's, or
+    any other single token (a compound word, `compound_generator`)."""
     c = components
 
     @torch.no_grad()
@@ -139,6 +142,15 @@ def described_generator(components, judge: ToyJudge, concepts=CONCEPTS, samples:
     turns a concept into word embeddings has to work in."""
     words = [described(concept_identity(judge, concept)) for concept in concepts]
     return words_generator(components, words, samples, seed, defaults)
+
+
+def compound_generator(components, judge: ToyJudge, concepts=CONCEPTS, samples: int = 4, seed: int = 0,
+                       defaults: SamplingDefaults = TOY_DEFAULTS) -> Generate:
+    """The same reference said as one token: the judge's reading of each concept fused into a compound
+    word (`toyworld.compounds`: the sum of its words' embeddings) at S. One token is all w0 is, so
+    this is what w0 could draw if it wrote the judge's reading in the text encoder's own terms."""
+    phrases = [described(concept_identity(judge, concept)) for concept in concepts]
+    return textual_inversion_generator(components, compound_embeddings(components, phrases), samples, seed, defaults)
 
 
 def through_key_values(generate: Generate, components, mapper: GlobalMapper) -> Generate:
@@ -223,8 +235,9 @@ def sayable_fidelity(pipe: ELITEPipeline, judge: ToyJudge, samples: int = 4, see
                      objects: list[ToyObject] | None = None) -> dict[str, dict]:
     """Fidelity on `objects` (default: `sayable_objects()`), scored against what each object is (not the
     judge's reading of it), for "a photo of a S" with w0, with all five words, and with the object said
-    in words by the plain model. The personal concepts are new to the mapper; these are not, so a mapper
-    that misses them too fails at reading its input, not at generalising from it."""
+    by the plain model in words and as one compound word (`compound_generator`). The personal concepts
+    are new to the mapper; these are not, so a mapper that misses them too fails at reading its input,
+    not at generalising from it."""
     pipe.sd_pipeline.set_progress_bar_config(disable=True)
     objects = sayable_objects() if objects is None else objects
     concepts = [pipe.encode(Image.fromarray(image), Image.fromarray(masks[0]))
@@ -237,6 +250,9 @@ def sayable_fidelity(pipe: ELITEPipeline, judge: ToyJudge, samples: int = 4, see
     said = [described({"colour": o.colour, "pattern": o.pattern, "shape": o.shape}) for o in objects]
     plain = words_generator(pipe.components, said, samples, seed, pipe.defaults)
     report["said in words"] = _attribute_agreement(judge, plain("a photo of a S"), objects)
+    compound = textual_inversion_generator(pipe.components, compound_embeddings(pipe.components, said), samples, seed,
+                                           pipe.defaults)
+    report["said as one compound word"] = _attribute_agreement(judge, compound("a photo of a S"), objects)
     return report
 
 
@@ -307,13 +323,16 @@ def encode_milliseconds(pipe: ELITEPipeline, repeats: int = 20) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="ELITE's fidelity and editability on the toy world (JSON).")
     parser.add_argument("--mapper", type=Path, default=ASSETS_DIR / "toy-global-mapper")
+    parser.add_argument("--components", default="toy",
+                        help="the toy preset, or a toy components folder (e.g. one taught compound words)")
     parser.add_argument("--local-mapper", type=Path, help="also run ELITE's local branch with this LocalMapper")
     parser.add_argument("--local-scale", type=float, default=0.8, help="λ of the local branch")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="the README's figures are from the CPU (fp32 either way)")
     parser.add_argument("--described", action="store_true",
-                        help="also score the reference that writes the judge's reading of each concept in words")
+                        help="also score the reference that writes the judge's reading of each concept in words "
+                             "(and as one compound word)")
     parser.add_argument("--sayable", action="store_true",
                         help="also score the mapper on objects the toy language can say (see sayable_fidelity)")
     parser.add_argument("--sayable-objects", choices=sorted(SAYABLE_SUBSETS), default="all",
@@ -324,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="also score Textual Inversion on ten of those objects (minutes each; see "
                              "sayable_inversion_fidelity)")
     args = parser.parse_args(argv)
-    components = load_components("toy", device=args.device, dtype=torch.float32)
+    components = load_components(args.components, device=args.device, dtype=torch.float32)
     local_mapper = LocalMapper.from_pretrained(args.local_mapper) if args.local_mapper else None
     pipe = ELITEPipeline(components, GlobalMapper.from_pretrained(args.mapper), local_mapper)
     judge = ToyJudge.from_pretrained(JUDGE_FOLDER).eval()
@@ -336,6 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.described:
         reference = described_generator(components, judge, samples=args.samples, seed=args.seed)  # seeded per call
         report["described_in_words"] = score(reference, judge, samples=args.samples)["summary"]
+        compound = compound_generator(components, judge, samples=args.samples, seed=args.seed)
+        report["described_as_one_compound_word"] = score(compound, judge, samples=args.samples)["summary"]
         through = through_key_values(reference, components, pipe.global_mapper)
         report["described_in_words_through_the_mapper_key_values"] = score(through, judge, samples=args.samples)["summary"]
     if args.sayable:

@@ -450,18 +450,28 @@ def train_global(
     stop_after: int | None = None,
     command: str | None = None,
     data_workers: int = 0,
+    initial_mapper: GlobalMapper | None = None,
 ) -> GlobalMapper:
     """Train a global mapper on `components` (frozen) with samples from `source`; see the module docstring.
 
     `stop_after` ends the run after that many steps (a checkpoint is written), as a crash would.
     `command` (the command line, if any) is recorded in the log. `data_workers` processes build the
-    batches ahead (worth it beside a GPU; the batches are the same either way).
+    batches ahead (worth it beside a GPU; the batches are the same either way). `initial_mapper`:
+    start from its weights (k/v copies included) instead of fresh ones, e.g. to fine-tune the
+    authors' checkpoint; it must read the source's view.
     """
     components = components.to(PartialState().device)
     if gradient_checkpointing:  # the UNet's activations dominate the memory of a step
         components.unet.enable_gradient_checkpointing()
-    # the mapper keeps the view of the image it was trained on, so the pipeline shows it the same
-    mapper = _fresh_mapper(GlobalMapper, components, recipe.seed, input_view=source.global_view)
+    if initial_mapper is None:
+        # the mapper keeps the view of the image it was trained on, so the pipeline shows it the same
+        mapper = _fresh_mapper(GlobalMapper, components, recipe.seed, input_view=source.global_view)
+    else:
+        initial_mapper.check_compatible(components)
+        if initial_mapper.input_view != source.global_view:
+            raise ValueError(f"The initial mapper reads the {initial_mapper.input_view!r} view and the training data "
+                             f"shows the {source.global_view!r} view; choose the matching --toy-global-view.")
+        mapper = copy.deepcopy(initial_mapper).to(components.device).float().train().requires_grad_(True)
     for level in range(recipe.num_words, mapper.num_levels):  # words never injected are not trained
         mapper.mapping[level].requires_grad_(False)
         mapper.mapping_patch[level].requires_grad_(False)

@@ -262,3 +262,19 @@ def test_bf16_mixed_precision_keeps_fp32_mapper_weights(tiny, tmp_path):
     assert all(p.dtype == torch.float32 for p in mapper.parameters())
     log = json.loads((tmp_path / "run" / "log.json").read_text())
     assert all(np.isfinite(h["loss_mle"]) for h in log["history"])
+
+
+def test_the_command_starts_from_an_initial_mapper_of_the_same_view(tiny, tmp_path):
+    """At a learning rate of 0 the run ends where it started: with --init-mapper, at that mapper."""
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        GlobalMapper.from_components(tiny, input_view="object").save_pretrained(tmp_path / "init")
+    options = ["global", "--preset", "tiny-random", "--profile", "smoke", "--steps", "2", "--learning-rate", "0"]
+    elite_train(options + ["--toy-global-view", "object", "--init-mapper", str(tmp_path / "init"), "--out", str(tmp_path / "run")])
+    initial, trained = state(GlobalMapper.from_pretrained(tmp_path / "init")), state(GlobalMapper.from_pretrained(tmp_path / "run" / "mapper"))
+    assert initial.keys() == trained.keys() and all(torch.equal(initial[k], trained[k]) for k in initial)
+    elite_train(options + ["--toy-global-view", "object", "--out", str(tmp_path / "fresh")])
+    fresh = state(GlobalMapper.from_pretrained(tmp_path / "fresh" / "mapper"))
+    assert any(not torch.equal(initial[k], fresh[k]) for k in initial)
+    with pytest.raises(ValueError, match="'object' view"):
+        elite_train(options + ["--init-mapper", str(tmp_path / "init"), "--out", str(tmp_path / "other-view")])

@@ -1,0 +1,94 @@
+"""Compound words: the fused captions, the compound embeddings, the teaching stage and the regression fit."""
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from elite_tutorial import load_components
+from elite_tutorial.components import ASSETS_DIR
+from elite_tutorial.evaluation import textual_inversion_generator, words_generator
+from elite_tutorial.pipeline import TOY_DEFAULTS
+from elite_tutorial.toyworld import compounds as C
+from elite_tutorial.toyworld import pretrain as P
+
+
+def test_fusing_replaces_the_run_of_identity_words_by_the_placeholder():
+    assert C.fuse_identity_words("a photo of a large red dotted circle on the left") == (
+        "a photo of a large S on the left", ["red", "dotted", "circle"])
+    assert C.fuse_identity_words("a small triangle, on a grass background") == (
+        "a small S, on a grass background", ["triangle"])
+    for text in ("a red circle and a blue star", "a photo of a large object", "a red large circle"):
+        with pytest.raises(ValueError, match="one run of identity words"):
+            C.fuse_identity_words(text)
+    rng = np.random.default_rng(0)  # every caption of a single-object scene fuses
+    for _ in range(200):
+        text = P.caption(P.random_spec(rng, 0.0), rng, 0.3)
+        fused, words = C.fuse_identity_words(text)
+        assert fused.count("S") == 1 and fused.replace("S", " ".join(words)) == text
+
+
+def test_a_compound_is_the_sum_of_its_words_and_one_word_is_that_word():
+    toy = load_components("toy", device="cpu")
+    table = toy.text_encoder.get_input_embeddings().weight
+    ids = [toy.tokenizer(word, add_special_tokens=False).input_ids[0] for word in ("red", "dotted", "circle")]
+    compound = C.compound_embeddings(toy, ["red dotted circle", "circle"])
+    assert torch.equal(compound[0], table[ids].sum(0)) and torch.equal(compound[1], table[ids[2]])
+    with pytest.raises(ValueError, match="single token"):
+        C.compound_embeddings(toy, ["red zebra"])
+    # a one-word compound at S is that word written in the prompt: the same images
+    as_compound = textual_inversion_generator(toy, compound[1:], samples=1, seed=0, defaults=TOY_DEFAULTS)
+    as_word = words_generator(toy, ["circle"], samples=1, seed=0)
+    with torch.no_grad():
+        assert np.array_equal(as_compound("a photo of a S"), as_word("a photo of a S"))
+
+
+def test_teaching_trains_the_encoder_layers_only_and_writes_a_loadable_folder(tmp_path):
+    recipe = replace(C.CompoundRecipe(), pool_size=32, steps=3, batch=2, keep_batch=4, warmup_steps=1)
+    record = C.teach_compound_words(ASSETS_DIR / "toy-sd", tmp_path / "taught", recipe, "cpu", command="teach")
+    assert not (tmp_path / "taught.work").exists()
+    assert set(record["loss_last"]) == {"loss_compound", "loss_keep"}
+    log = json.loads((tmp_path / "taught" / "pretrain_log.json").read_text())
+    assert log["compound_words"]["command"] == "teach" and "recipe" in log  # the pretraining record is kept
+    before = dict(load_components("toy", device="cpu").text_encoder.named_parameters())
+    after = dict(load_components(tmp_path / "taught", device="cpu").text_encoder.named_parameters())
+    for name, parameter in after.items():  # the vocabulary is kept; every layer's matrices learn
+        if name.startswith("embeddings."):
+            assert torch.equal(parameter, before[name]), name
+        elif name.endswith(("proj.weight", "fc1.weight", "fc2.weight")):
+            assert not torch.equal(parameter, before[name]), name
+    with pytest.raises(FileExistsError):
+        C.teach_compound_words(ASSETS_DIR / "toy-sd", tmp_path / "taught", recipe, "cpu")
+
+
+def test_the_student_starts_as_the_teacher_and_learns_the_compounds(tmp_path, monkeypatch):
+    """At step 0 the student is the frozen encoder (loss_keep 0); on one repeated batch a few steps
+    shrink loss_compound."""
+    toy = load_components("toy", device="cpu")
+    pool = P.ScenePool(0, 32, processes=1)
+    recipe = replace(C.CompoundRecipe(), steps=20, batch=4, keep_batch=4, lr=3e-4, warmup_steps=1)
+
+    def capture(name, model, make_batch, loss_fn, *args, **kwargs):
+        batch = make_batch(np.random.default_rng(0))
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=recipe.lr)
+        history = []
+        for _ in range(recipe.steps):
+            losses = loss_fn(batch, torch.Generator().manual_seed(0))
+            optimizer.zero_grad()
+            sum(losses.values()).backward()
+            optimizer.step()
+            history.append({k: v.item() for k, v in losses.items()})
+        return history
+
+    monkeypatch.setattr(C, "train_loop", capture)
+    _, history = C.train_compounds(pool, toy, recipe, tmp_path, "cpu")
+    assert history[0]["loss_keep"] == 0
+    assert history[-1]["loss_compound"] < 0.5 * history[0]["loss_compound"]
+
+
+def test_a_fitted_mapper_beats_a_constant_word_on_held_out_objects():
+    toy = load_components("toy", device="cpu")
+    mapper, report = C.fit_mapper_to_compounds(toy, count=512, epochs=20, held_out=200, progress=False)
+    assert mapper.input_view == "object"
+    assert report["held_out_mse"] < 0.8 * report["held_out_variance"]

@@ -41,7 +41,7 @@ from .pipeline import TOY_DEFAULTS, ELITEPipeline, SamplingDefaults
 from .toyworld.compounds import compound_embeddings
 from .toyworld.concepts import CONCEPTS, PersonalConcept, concept_views
 from .toyworld.judge import ToyJudge
-from .toyworld.render import COLOURS, PATTERNS, SHAPES, SceneSpec, ToyObject, render
+from .toyworld.render import COLOURS, PATTERNS, SHAPES, SceneSpec, ToyObject, described, render
 from .words import encode_prompts_with_words
 
 IDENTITY = ("shape", "colour", "pattern")
@@ -125,13 +125,6 @@ def class_word_generator(components, concepts=CONCEPTS, samples: int = 4, seed: 
                          defaults: SamplingDefaults = TOY_DEFAULTS) -> Generate:
     """The lower bound: the plain model with each concept's class word where S was ("a photo of a heart")."""
     return words_generator(components, [concept.class_word for concept in concepts], samples, seed, defaults)
-
-
-def described(identity: dict[str, str]) -> str:
-    """The judge's reading of a concept in the toy language: 'green dotted circle' ('solid' goes unsaid,
-    as in the training captions)."""
-    pattern = [] if identity["pattern"] == "solid" else [identity["pattern"]]
-    return " ".join([identity["colour"], *pattern, identity["shape"]])
 
 
 def described_generator(components, judge: ToyJudge, concepts=CONCEPTS, samples: int = 4, seed: int = 0,

@@ -48,7 +48,7 @@ from ..mappers import GlobalMapper, clip_feature_levels
 from ..storage import atomic_directory
 from ..words import DEFAULT_PLACEHOLDER, encode_prompts_with_words
 from .pretrain import HELD_OUT_SEED, ScenePool, _autocast, _encode_pool, tokenize, train_loop
-from .render import COLOURS, PATTERNS, SHAPES, caption, random_spec, render
+from .render import COLOURS, PATTERNS, SHAPES, caption, described, random_spec, render
 
 IDENTITY_WORDS = frozenset((*COLOURS, *PATTERNS, *SHAPES))
 MAX_COMPOUND = 3  # a colour, a pattern and a shape
@@ -176,8 +176,7 @@ def _object_views(components: Components, count: int, first_seed: int) -> tuple[
         spec = random_spec(np.random.default_rng(seed), two_object_probability=0.0)
         image, masks = render(spec)
         pixels.append(clip_pixels(object_crop(Image.fromarray(image), masks[0]), size))
-        obj = spec.objects[0]
-        phrases.append(" ".join([obj.colour, *([] if obj.pattern == "solid" else [obj.pattern]), obj.shape]))
+        phrases.append(described(asdict(spec.objects[0])))
     with torch.no_grad():
         levels = [clip_feature_levels(components.image_encoder, batch.to(components.device)) for batch in torch.stack(pixels).split(250)]
     return [torch.cat(level).float() for level in zip(*levels)], phrases

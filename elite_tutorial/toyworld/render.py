@@ -278,6 +278,13 @@ def describe_object(obj: ToyObject, rng: np.random.Generator | None = None, drop
     return f"{_article(phrase)} {phrase}"
 
 
+def described(identity: dict[str, str]) -> str:
+    """An object's identity in the toy language, the way a caption says it in full: 'green dotted
+    circle' ('solid' goes unsaid). `identity` holds its colour, pattern and shape."""
+    pattern = [] if identity["pattern"] == "solid" else [identity["pattern"]]
+    return " ".join([identity["colour"], *pattern, identity["shape"]])
+
+
 def caption(spec: SceneSpec, rng: np.random.Generator | None = None, drop: float = 0.0) -> str:
     """A plain-English caption; with `rng`, a random prefix and randomly dropped attributes."""
     text = " and ".join(describe_object(o, rng, drop) for o in spec.objects)

@@ -93,8 +93,7 @@ def compound_embeddings(components: Components, phrases: list[str]) -> torch.Ten
     return torch.stack([table[[word[0] for word in phrase]].sum(0) for phrase in ids])
 
 
-def train_compounds(pool: ScenePool, components: Components, recipe: CompoundRecipe, work: Path, device,
-                    stop_after: int | None = None):
+def train_compounds(pool: ScenePool, components: Components, recipe: CompoundRecipe, work: Path, device):
     """The text encoder taught compound words (see the module doc), and its loss history."""
     c, device = components, torch.device(device)
     teacher = c.text_encoder.to(device).requires_grad_(False).eval()
@@ -134,8 +133,7 @@ def train_compounds(pool: ScenePool, components: Components, recipe: CompoundRec
         return {"loss_compound": F.mse_loss(predicted.float(), wanted.float()),
                 "loss_keep": recipe.keep_weight * F.mse_loss(keep.float(), kept.float())}
 
-    history = train_loop("compounds", student, make_batch, loss_fn, recipe.steps, recipe.lr, recipe, work, device,
-                         stop_after=stop_after)
+    history = train_loop("compounds", student, make_batch, loss_fn, recipe.steps, recipe.lr, recipe, work, device)
     return student.requires_grad_(False), history
 
 

@@ -149,6 +149,16 @@ def augment_for_clip(image: Image.Image, size: int, rng: np.random.Generator) ->
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
 
 
+def _object_square(mask: np.ndarray, margin: float) -> tuple[int, int, int]:
+    """(left, top, side) of a square centred on the mask's box, `margin` wider than its longer side."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        raise ValueError("The mask is empty: it marks no object pixels.")
+    centre_x, centre_y = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+    side = round(max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) * (1 + margin))
+    return int(np.floor(centre_x - side / 2)), int(np.floor(centre_y - side / 2)), side
+
+
 def object_crop(image: Image.Image, mask: np.ndarray, margin: float = 0.25) -> Image.Image:
     """The object alone (background pixels black), cropped to a square centred on its mask's box,
     `margin` wider than the box's longer side (areas beyond the image stay black).
@@ -157,13 +167,19 @@ def object_crop(image: Image.Image, mask: np.ndarray, margin: float = 0.25) -> I
     its shape spans many patches, and nothing of the background or the object's place is left for
     the words to carry. mask: (H, W) bool, True on the object, at the image's size.
     """
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        raise ValueError("The mask is empty: it marks no object pixels.")
-    centre_x, centre_y = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
-    side = round(max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) * (1 + margin))
-    left, top = int(np.floor(centre_x - side / 2)), int(np.floor(centre_y - side / 2))
+    left, top, side = _object_square(mask, margin)
     return Image.fromarray((np.asarray(image) * mask[..., None]).astype(np.uint8)).crop((left, top, left + side, top + side))
+
+
+def box_crop(image: Image.Image, mask: np.ndarray, margin: float = 0.25) -> Image.Image:
+    """The padded box around the object, background kept: a square centred on the mask's box,
+    `margin` wider than its longer side, moved inside the image where it fits (the authors' stage-1
+    images are such boxes, padded by 10-20 px). mask: (H, W) bool, True on the object."""
+    left, top, side = _object_square(mask, margin)
+    width, height = image.size
+    if side <= min(width, height):  # slide the square inside rather than show pixels beyond the image
+        left, top = min(max(left, 0), width - side), min(max(top, 0), height - side)
+    return image.crop((left, top, left + side, top + side))
 
 
 def _to_unit_range(image: Image.Image, size: int) -> torch.Tensor:
@@ -220,6 +236,20 @@ def toy_prompt_with_placeholder(spec, rng: np.random.Generator, placeholder: str
     return f"{prefix} {text}" if prefix else text
 
 
+def toy_training_scenes(rng: np.random.Generator, size: int) -> list:
+    """`size` random single-object toy scenes, none of them a personal concept's identity: a scene
+    that shows one is replaced by a fresh draw (`toyworld.concepts.is_held_out`), so no mapper is
+    ever trained on the objects it is scored on."""
+    from .toyworld.concepts import is_held_out  # noqa: PLC0415 (toy data only)
+    from .toyworld.render import random_scene  # noqa: PLC0415
+
+    scenes = []
+    while len(scenes) < size:
+        drawn = [random_scene(int(seed), two_object_probability=0.0) for seed in rng.integers(0, 10**9, size - len(scenes))]
+        scenes += [scene for scene in drawn if not is_held_out(scene.spec.objects[0])]
+    return scenes
+
+
 def close_up(scene):
     """The scene's object redrawn large at the centre, on the same background: the toy world's
     nearest to the authors' stage-1 images, which are boxes around an object (padded by 10 px), so
@@ -232,7 +262,8 @@ def close_up(scene):
 
 
 class ToyWorldSource:
-    """Single-object toy scenes drawn on the fly; validation shows the held-out personal concepts.
+    """Single-object toy scenes drawn on the fly (`toy_training_scenes`: never a personal concept's
+    identity); validation shows four of the held-out personal concepts.
 
     `target`: the UNet's stage-1 target, "scene", the whole scene as drawn (the object anywhere,
     small or large), or "close-up", the object redrawn large at the centre (`close_up`).
@@ -251,9 +282,7 @@ class ToyWorldSource:
         self.context_probability, self.global_view, self.target = context_probability, global_view, target
 
     def batch(self, rng: np.random.Generator, size: int) -> dict:
-        from .toyworld.render import random_scene  # noqa: PLC0415
-
-        scenes = [random_scene(int(seed), two_object_probability=0.0) for seed in rng.integers(0, 10**9, size)]
+        scenes = toy_training_scenes(rng, size)
         if self.target == "close-up":
             scenes = [close_up(scene) for scene in scenes]
         images = [Image.fromarray(s.image) for s in scenes]
@@ -269,9 +298,7 @@ class ToyWorldSource:
         False, as the UNet's target, with its valid-region mask; the whole scene and the object cut
         out (`object_crop`) for the global words; the object alone for the local tokens, with its
         mask; captions with the scale phrase."""
-        from .toyworld.render import random_scene  # noqa: PLC0415
-
-        scenes = [random_scene(int(seed), two_object_probability=0.0) for seed in rng.integers(0, 10**9, size)]
+        scenes = toy_training_scenes(rng, size)
         targets, valid, object_pixels, object_masks, prompts = [], [], [], [], []
         for scene in scenes:
             image = Image.fromarray(scene.image)
@@ -308,10 +335,13 @@ class FixedObjectsSource:
     global_view = "object"
 
     def __init__(self, objects, clip_size: int, image_size: int = 64):
-        from .toyworld.render import SceneSpec, render  # noqa: PLC0415 (toy data only)
+        from .toyworld.concepts import is_held_out  # noqa: PLC0415 (toy data only)
+        from .toyworld.render import SceneSpec, render  # noqa: PLC0415
 
         if not objects:
             raise ValueError("FixedObjectsSource needs at least one object.")
+        if held_out := [obj for obj in objects if is_held_out(obj)]:
+            raise ValueError(f"{held_out[0]} is a personal concept's identity: concepts are held out of training.")
         self.renders = [render(SceneSpec((obj,))) for obj in objects]  # (image (H, W, 3) uint8, masks)
         self.clip_size, self.image_size = clip_size, image_size
 

@@ -1,14 +1,16 @@
 """Measuring ELITE on the toy world, where the toy judge reads every attribute of an image.
 
-- A concept's *identity* is what the judge sees in its own reference views: the majority vote of
-  its shape, colour and pattern predictions over the views (a teal heart may read as a green or a
-  blue heart; whichever it reads as, generated images should read the same).
+- A concept's *identity* is its true shape, colour and pattern (`PersonalConcept.labels()`, written
+  to `assets/concepts/labels.json`). For the out-of-span concepts, which have no such labels, it is
+  what the judge sees in their own reference views (the majority vote over the views).
 - *Fidelity*: the mean agreement of generated images with that identity (3 attributes), for
   "a photo of a S" with w0 injected. The class-word baseline generates "a photo of a <shape>"
   with the plain model and is scored the same way.
 - *Editability*: for each edit prompt ("a photo of a S on the left", "... on a grass background",
   "a photo of a small S"), the fraction of images that show the edit and keep the identity
   (at least 2 of its 3 attributes).
+- Both come with 95 % bootstrap intervals over concepts (`bootstrap_interval`): with sixteen
+  concepts, which concepts happen to be chosen moves a mean more than anything else.
 
     python -m elite_tutorial.evaluation --mapper assets/toy-global-mapper
     python -m elite_tutorial.evaluation --local-mapper assets/toy-local-mapper --local-scale 0.8
@@ -39,7 +41,7 @@ from .mappers import GlobalMapper, LocalMapper
 from .metrics import MetricModels, clip_i, clip_t, dino_i, with_class_word
 from .pipeline import TOY_DEFAULTS, ELITEPipeline, SamplingDefaults
 from .toyworld.compounds import compound_embeddings
-from .toyworld.concepts import CONCEPTS, PersonalConcept, concept_views
+from .toyworld.concepts import CONCEPTS, Concept, PersonalConcept, concept_views
 from .toyworld.judge import ToyJudge
 from .toyworld.render import COLOURS, PATTERNS, SHAPES, SceneSpec, ToyObject, described, render
 from .words import encode_prompts_with_words
@@ -53,8 +55,11 @@ EDITS = {  # attribute -> (prompt, the value it asks for)
 JUDGE_FOLDER = ASSETS_DIR / "toy-eval" / "judge"
 
 
-def concept_identity(judge: ToyJudge, concept: PersonalConcept) -> dict[str, str]:
-    """The judge's majority reading of the concept's shape, colour and pattern over its views."""
+def concept_identity(judge: ToyJudge, concept: Concept) -> dict[str, str]:
+    """The concept's shape, colour and pattern: its true labels, or for an out-of-span concept (which
+    the toy vocabulary cannot label) the judge's majority reading of them over its views."""
+    if isinstance(concept, PersonalConcept):
+        return concept.labels()
     predictions = judge.predict(np.stack([image for image, _ in concept_views(concept)]))
     return {name: Counter(predictions[name]).most_common(1)[0][0] for name in IDENTITY}
 
@@ -73,7 +78,7 @@ def _images(output) -> np.ndarray:
 Generate = Callable[[str], np.ndarray]
 
 
-def elite_generator(pipe: ELITEPipeline, concepts=CONCEPTS, samples: int = 4, seed: int = 0,
+def elite_generator(pipe: ELITEPipeline, concepts=CONCEPTS, samples: int = 8, seed: int = 0,
                     local_scale: float = 0.8) -> Generate:
     """ELITE (w0; the local branch at λ = `local_scale` if the pipeline has a local mapper), each
     concept encoded once from its first view and that view's mask."""
@@ -94,7 +99,7 @@ def prompt_embeds_generator(components, embeds: Callable[[str], torch.Tensor], s
         num_images_per_prompt=samples, output_type="np"))
 
 
-def words_generator(components, words: list[str], samples: int = 4, seed: int = 0,
+def words_generator(components, words: list[str], samples: int = 8, seed: int = 0,
                     defaults: SamplingDefaults = TOY_DEFAULTS) -> Generate:
     """The plain model with `words[i]` written where S was, for concept i."""
     c = components
@@ -121,27 +126,27 @@ def textual_inversion_generator(components, embeddings: torch.Tensor, samples: i
     return prompt_embeds_generator(c, embeds, samples, seed, defaults)
 
 
-def class_word_generator(components, concepts=CONCEPTS, samples: int = 4, seed: int = 0,
+def class_word_generator(components, concepts=CONCEPTS, samples: int = 8, seed: int = 0,
                          defaults: SamplingDefaults = TOY_DEFAULTS) -> Generate:
     """The lower bound: the plain model with each concept's class word where S was ("a photo of a heart")."""
     return words_generator(components, [concept.class_word for concept in concepts], samples, seed, defaults)
 
 
-def described_generator(components, judge: ToyJudge, concepts=CONCEPTS, samples: int = 4, seed: int = 0,
+def described_generator(components, judge: ToyJudge, concepts=CONCEPTS, samples: int = 8, seed: int = 0,
                         defaults: SamplingDefaults = TOY_DEFAULTS) -> Generate:
-    """A reference, not a method: the plain model with S replaced by the judge's own reading of each
-    concept in words ("a photo of a green dotted circle"). It reads the answer from the judge, so
-    it shows what the toy model can draw from the toy language's words, the room a method that
-    turns a concept into word embeddings has to work in."""
+    """A reference, not a method: the plain model with S replaced by each concept's identity in words
+    ("a photo of a red dotted heart": its true labels, or the judge's reading of an out-of-span
+    concept). It is told the answer, so it shows what the toy model can draw from the toy language's
+    words, the room a method that turns a concept into word embeddings has to work in."""
     words = [described(concept_identity(judge, concept)) for concept in concepts]
     return words_generator(components, words, samples, seed, defaults)
 
 
-def compound_generator(components, judge: ToyJudge, concepts=CONCEPTS, samples: int = 4, seed: int = 0,
+def compound_generator(components, judge: ToyJudge, concepts=CONCEPTS, samples: int = 8, seed: int = 0,
                        defaults: SamplingDefaults = TOY_DEFAULTS) -> Generate:
-    """The same reference said as one token: the judge's reading of each concept fused into a compound
+    """The same reference said as one token: each concept's identity fused into a compound
     word (`toyworld.compounds`: the sum of its words' embeddings) at S. One token is all w0 is, so
-    this is what w0 could draw if it wrote the judge's reading in the text encoder's own terms."""
+    this is what w0 could draw if it wrote the identity in the text encoder's own terms."""
     phrases = [described(concept_identity(judge, concept)) for concept in concepts]
     return textual_inversion_generator(components, compound_embeddings(components, phrases), samples, seed, defaults)
 
@@ -158,11 +163,21 @@ def through_key_values(generate: Generate, components, mapper: GlobalMapper) -> 
     return generate_through_copies
 
 
-def score(generate: Generate, judge: ToyJudge, concepts=CONCEPTS, samples: int = 4,
+def bootstrap_interval(values, confidence: float = 0.95, resamples: int = 10_000, seed: int = 0) -> list[float]:
+    """The percentile bootstrap interval of the mean of `values` (one per concept): [low, high]."""
+    values = np.asarray(values, dtype=np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
+    means = values[picks].mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    return [round(float(np.percentile(means, tail)), 3), round(float(np.percentile(means, 100 - tail)), 3)]
+
+
+def score(generate: Generate, judge: ToyJudge, concepts=CONCEPTS, samples: int = 8,
           metrics: MetricModels | None = None, progress: bool = False) -> dict:
     """The toy judge's fidelity and editability of a method (see the module doc), and with `metrics`
     the paper's CLIP-T (all four prompts, the class word read in place of S), CLIP-I and DINO-I (all
-    generated images against the concept's four views). Returns {"summary": means, "concepts": rows}."""
+    generated images against the concept's four views). Returns {"summary": means, with 95 % bootstrap
+    intervals over concepts for fidelity and editability, "concepts": rows}."""
     prompts = {"fidelity": "a photo of a S", **{attribute: prompt for attribute, (prompt, _) in EDITS.items()}}
     generated = {key: generate(prompt) for key, prompt in tqdm(prompts.items(), desc="prompts", leave=False,
                                                                   disable=not progress)}
@@ -177,6 +192,7 @@ def score(generate: Generate, judge: ToyJudge, concepts=CONCEPTS, samples: int =
             predictions = judge.predict(mine[attribute])
             edited = np.array([p == wanted for p in predictions[attribute]])
             row[f"edit_{attribute}"] = float((edited & (_agreement(predictions, identity) >= 2 / 3)).mean())
+        row["editability"] = float(np.mean([row[f"edit_{attribute}"] for attribute in EDITS]))
         if metrics is not None:
             everything = np.concatenate(list(mine.values()))
             texts = [with_class_word(prompts[key], concept.class_word) for key in mine for _ in range(samples)]
@@ -185,7 +201,8 @@ def score(generate: Generate, judge: ToyJudge, concepts=CONCEPTS, samples: int =
             row["dino_i"] = float(dino_i(metrics, everything, views).mean())
         rows.append(row)
     summary = {key: round(float(np.mean([r[key] for r in rows])), 3) for key in rows[0] if key not in ("concept", "identity")}
-    summary["editability"] = round(float(np.mean([summary[f"edit_{a}"] for a in EDITS])), 3)
+    for key in ("fidelity", "editability"):
+        summary[f"{key}_interval"] = bootstrap_interval([r[key] for r in rows])
     return {"summary": summary, "concepts": rows}
 
 
@@ -224,7 +241,7 @@ def _attribute_agreement(judge: ToyJudge, images: np.ndarray, objects: list[ToyO
 
 
 @torch.no_grad()
-def sayable_fidelity(pipe: ELITEPipeline, judge: ToyJudge, samples: int = 4, seed: int = 0,
+def sayable_fidelity(pipe: ELITEPipeline, judge: ToyJudge, samples: int = 8, seed: int = 0,
                      objects: list[ToyObject] | None = None) -> dict[str, dict]:
     """Fidelity on `objects` (default: `sayable_objects()`), scored against what each object is (not the
     judge's reading of it), for "a photo of a S" with w0, with all five words, and with the object said
@@ -249,7 +266,7 @@ def sayable_fidelity(pipe: ELITEPipeline, judge: ToyJudge, samples: int = 4, see
     return report
 
 
-def sayable_inversion_fidelity(components, judge: ToyJudge, samples: int = 4, seed: int = 0,
+def sayable_inversion_fidelity(components, judge: ToyJudge, samples: int = 8, seed: int = 0,
                                objects: list[ToyObject] | None = None, initializer: str = "photo",
                                recipe: TextualInversionRecipe = TI_PROFILES["toy"], progress: bool = True
                                ) -> dict[str, float]:
@@ -268,21 +285,25 @@ def sayable_inversion_fidelity(components, judge: ToyJudge, samples: int = 4, se
 
 
 @torch.no_grad()
-def fidelity_and_editability(pipe: ELITEPipeline, judge: ToyJudge, concepts=CONCEPTS, samples: int = 4,
-                             seed: int = 0, local_scale: float = 0.8) -> dict:
+def fidelity_and_editability(pipe: ELITEPipeline, judge: ToyJudge, concepts=CONCEPTS, samples: int = 8,
+                             seed: int = 0, local_scale: float = 0.8, with_baseline: bool = True) -> dict:
     """ELITE (w0) fidelity and editability vs the class-word baseline, over `concepts` (see module doc).
 
     Each concept is encoded from its first view and that view's mask (the mask feeds a global mapper
     that reads the object alone, and a local mapper, when the pipeline has one, at λ =
     `local_scale`). Each prompt is generated for all concepts in one batched call (`samples` images
-    per concept).
+    per concept). `with_baseline=False` leaves the class word out (it does not depend on the mapper,
+    so a sweep over mappers or λ needs it once).
     """
     elite = score(elite_generator(pipe, concepts, samples, seed, local_scale), judge, concepts, samples)
-    baseline = score(class_word_generator(pipe.components, concepts, samples, seed, pipe.defaults), judge, concepts, samples)
-    rows = [{**row, "baseline_fidelity": base["fidelity"]} for row, base in zip(elite["concepts"], baseline["concepts"])]
-    summary = {"fidelity": elite["summary"]["fidelity"], "baseline_fidelity": baseline["summary"]["fidelity"]}
+    summary = {"fidelity": elite["summary"]["fidelity"], "fidelity_interval": elite["summary"]["fidelity_interval"]}
+    rows = elite["concepts"]
+    if with_baseline:
+        baseline = score(class_word_generator(pipe.components, concepts, samples, seed, pipe.defaults), judge, concepts, samples)
+        rows = [{**row, "baseline_fidelity": base["fidelity"]} for row, base in zip(rows, baseline["concepts"])]
+        summary["baseline_fidelity"] = baseline["summary"]["fidelity"]
+        summary["fidelity_gain_over_baseline"] = round(summary["fidelity"] - summary["baseline_fidelity"], 3)
     summary.update({key: value for key, value in elite["summary"].items() if key.startswith("edit")})
-    summary["fidelity_gain_over_baseline"] = round(summary["fidelity"] - summary["baseline_fidelity"], 3)
     return {"summary": summary, "concepts": rows, "samples_per_prompt": samples, "steps": pipe.defaults.num_inference_steps,
             "guidance_scale": pipe.defaults.guidance_scale, "local_scale": local_scale if pipe.local_mapper is not None else None}
 
@@ -320,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="the toy preset, or a toy components folder (e.g. one taught compound words)")
     parser.add_argument("--local-mapper", type=Path, help="also run ELITE's local branch with this LocalMapper")
     parser.add_argument("--local-scale", type=float, default=0.8, help="λ of the local branch")
-    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=8, help="images per concept and prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="the README's figures are from the CPU (fp32 either way)")
     parser.add_argument("--described", action="store_true",

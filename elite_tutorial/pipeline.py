@@ -1,7 +1,7 @@
 """`ELITEPipeline`: encode a concept from one image, then generate it in new prompts.
 
     pipe = ELITEPipeline(components, GlobalMapper.from_pretrained(...))
-    concept = pipe.encode("assets/concepts/teal_heart/0.png")
+    concept = pipe.encode("assets/concepts/red_dotted_heart/0.png")
     images = pipe("a photo of a S on the left", concept, generator=torch.Generator().manual_seed(42)).images
 
 Generation is diffusers' `StableDiffusionPipeline` fed with `prompt_embeds`: the prompt is encoded

@@ -1,6 +1,7 @@
 """Writing to disk so that a crash never leaves a half-written file or folder behind, in safetensors."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -40,6 +41,15 @@ def atomic_directory(folder: str | os.PathLike, overwrite: bool = True) -> Itera
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_json_atomic(path: str | os.PathLike, value) -> None:
+    """`value` as indented JSON at `path`, written whole or not at all (a partial file, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(partial, path)
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

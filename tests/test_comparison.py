@@ -11,7 +11,8 @@ from elite_tutorial.baselines import TI_PROFILES
 from elite_tutorial.comparison import METHODS, compare, table
 from elite_tutorial.components import ASSETS_DIR
 from elite_tutorial.evaluation import (JUDGE_FOLDER, _attribute_agreement, class_word_generator, concept_identity,
-                                       described, described_generator, sayable_fidelity, sayable_inversion_fidelity,
+                                       described, described_generator, fidelity_and_editability, sayable_fidelity,
+                                       sayable_inversion_fidelity,
                                        sayable_objects, score, through_key_values, word_norms)
 from elite_tutorial.mappers import GlobalMapper, LocalMapper
 from elite_tutorial.pipeline import ELITEPipeline
@@ -118,3 +119,16 @@ def test_word_norms_measure_each_word_beside_the_vocabulary():
     embeddings = components.text_encoder.get_input_embeddings().weight.norm(dim=-1)
     assert norms["vocabulary_mean"] == round(float(embeddings.mean()), 3) > 0
     assert norms["vocabulary_max"] == round(float(embeddings.max()), 3) >= norms["vocabulary_mean"]
+
+
+def test_concepts_are_scored_against_their_true_labels_and_the_baseline_can_be_left_out():
+    components = load_components("toy", device="cpu")
+    judge = ToyJudge.from_pretrained(JUDGE_FOLDER).eval()
+    assert concept_identity(judge, CONCEPTS[0]) == {"shape": "heart", "colour": "red", "pattern": "dotted"}
+    pipe = ELITEPipeline(components, GlobalMapper.from_pretrained(ASSETS_DIR / "toy-global-mapper"))
+    both = fidelity_and_editability(pipe, judge, CONCEPTS[:2], samples=1)
+    alone = fidelity_and_editability(pipe, judge, CONCEPTS[:2], samples=1, with_baseline=False)
+    assert "baseline_fidelity" not in alone["summary"] and "baseline_fidelity" in both["summary"]
+    assert alone["summary"]["fidelity"] == both["summary"]["fidelity"]  # seeded: the same images
+    low, high = both["summary"]["fidelity_interval"]
+    assert low <= both["summary"]["fidelity"] <= high

@@ -1,58 +1,96 @@
+"""The personal concepts: drawable identities held out of training, their views, folders and labels."""
+import json
+from itertools import product
+
 import numpy as np
+import pytest
 from PIL import Image
 
 from elite_tutorial.components import ASSETS_DIR
-from elite_tutorial.toyworld.concepts import CONCEPTS, VIEWS, concept_by_name, concept_views, write_concepts
-from elite_tutorial.toyworld.render import COLOURS, PATTERNS, SHAPES
+from elite_tutorial.evaluation import SAYABLE_KINDS, sayable_objects
+from elite_tutorial.toyworld.concepts import (
+    CONCEPTS,
+    OUT_OF_SPAN,
+    PersonalConcept,
+    concept_by_name,
+    concept_views,
+    is_held_out,
+    render_concept,
+    view_settings,
+    write_concepts,
+)
+from elite_tutorial.toyworld.render import COLOURS, PATTERNS, SHAPES, SIZES, ToyObject
 
 
-def test_at_least_twelve_distinct_concepts_outside_the_vocabulary():
-    assert len(CONCEPTS) >= 12
-    assert len({c.name for c in CONCEPTS}) == len(CONCEPTS)
+def test_sixteen_identities_of_values_the_world_draws_each_learnt_from_many_training_identities():
+    assert len(CONCEPTS) >= 16 and len({c.name for c in CONCEPTS}) == len(CONCEPTS)
+    identities = {(c.shape, c.colour, c.pattern) for c in CONCEPTS}
+    assert len(identities) == len(CONCEPTS)
+    training = [i for i in product(SHAPES, COLOURS, PATTERNS) if i not in identities]
     for concept in CONCEPTS:
-        assert concept.class_word in SHAPES
-        # something about it has no toy word: its hue, its shape or its pattern
+        assert concept.shape in SHAPES and concept.colour in COLOURS and concept.pattern in PATTERNS
+        assert concept.class_word == concept.shape
+        assert concept.description.split() == [concept.colour, concept.pattern, concept.shape]
+        # every value of the concept comes with many other values in training identities
+        for index, value in enumerate((concept.shape, concept.colour, concept.pattern)):
+            assert sum(identity[index] == value for identity in training) >= 15
+        assert is_held_out(ToyObject(concept.shape, concept.colour, concept.pattern, "small", "left"))
+    # none of them is an object `elite-train --toy-fixed-objects` trains on
+    for kind in SAYABLE_KINDS:
+        assert not any(is_held_out(obj) for obj in sayable_objects(kind))
+
+
+def test_views_are_deterministic_mostly_large_and_differ_in_everything_but_identity():
+    for concept in CONCEPTS:
+        settings = view_settings(concept)
+        assert len(settings) == 4 and sum(size == "large" for _, size, _, _ in settings) >= 2
+        assert len({position for position, *_ in settings}) >= 3 and len({bg for *_, bg in settings}) == 4
+    concept = concept_by_name("red_dotted_heart")
+    first, second = concept_views(concept), concept_views(concept)
+    for (image_a, mask_a), (image_b, mask_b), (_, size, _, _) in zip(first, second, view_settings(concept)):
+        assert np.array_equal(image_a, image_b) and np.array_equal(mask_a, mask_b)
+        radius = SIZES[size]
+        assert 0.5 * np.pi * radius**2 < mask_a.sum() < 1.5 * np.pi * radius**2
+        if size == "large":  # most object pixels are the concept's colour, dots aside
+            assert np.median(np.abs(image_a[mask_a] - np.asarray(COLOURS["red"]) * 255).sum(-1)) < 20
+
+
+def test_shipped_folders_and_labels_match_the_renderer(tmp_path):
+    for folder, concepts in ((ASSETS_DIR / "concepts", CONCEPTS), (ASSETS_DIR / "concepts-out-of-span", OUT_OF_SPAN)):
+        written = write_concepts(tmp_path / folder.name, concepts)
+        assert sorted(p.name for p in folder.iterdir()) == sorted([c.name for c in concepts] + ["labels.json"])
+        assert json.loads((folder / "labels.json").read_text()) == json.loads((written / "labels.json").read_text())
+        for concept in concepts:
+            for index in range(4):
+                for suffix in ("", "_bg"):
+                    name = f"{concept.name}/{index}{suffix}.png"
+                    assert np.array_equal(np.asarray(Image.open(folder / name)), np.asarray(Image.open(written / name))), name
+    mask = np.asarray(Image.open(ASSETS_DIR / "concepts" / CONCEPTS[0].name / "0_bg.png"))
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+
+
+def test_the_labels_alone_redraw_every_view():
+    labels = json.loads((ASSETS_DIR / "concepts" / "labels.json").read_text())
+    assert set(labels) == {c.name for c in CONCEPTS}
+    for name, record in labels.items():
+        concept = PersonalConcept(record["shape"], record["colour"], record["pattern"])
+        assert record["class_word"] == record["shape"] and record["description"] == concept.description
+        for index, setting in enumerate(view_settings(concept)):
+            shipped = np.asarray(Image.open(ASSETS_DIR / "concepts" / name / f"{index}.png"))
+            assert np.array_equal(render_concept(concept, *setting, texture_seed=index)[0], shipped)
+
+
+def test_out_of_span_concepts_are_few_and_each_has_something_the_world_never_draws():
+    assert 1 <= len(OUT_OF_SPAN) <= 4
+    for concept in OUT_OF_SPAN:
         unnamed_hue = tuple(concept.rgb) not in {tuple(rgb) for rgb in COLOURS.values()}
         unnamed_shape = concept.shape not in SHAPES.values()
         unnamed_fill = concept.fill not in PATTERNS.values()
         assert unnamed_hue or unnamed_shape or unnamed_fill, concept.name
-    views = [np.stack([image for image, _ in concept_views(c)]) for c in CONCEPTS]
-    for i in range(len(views)):  # no two concepts look alike in any view
-        for j in range(i + 1, len(views)):
-            assert np.abs(views[i].astype(int) - views[j]).mean() > 3
-
-
-def test_views_are_deterministic_and_masks_cover_the_object():
-    concept = concept_by_name("coral_ring")
-    first, second = concept_views(concept), concept_views(concept)
-    for (image_a, mask_a), (image_b, mask_b) in zip(first, second):
-        assert np.array_equal(image_a, image_b) and np.array_equal(mask_a, mask_b)
-        assert 20 < mask_a.sum() < 0.5 * mask_a.size
-        # object pixels are the concept's colour, background pixels are not
-        coral = np.asarray(concept.rgb) * 255
-        assert np.abs(image_a[mask_a] - coral).mean() < 30
-        assert np.abs(image_a[~mask_a] - coral).mean() > 45
-    # the ring has a hole: the centre pixel of the large centred view is background
-    assert not first[0][1][32, 32]
-
-
-def test_shipped_concept_folders_match_the_renderer(tmp_path):
-    written = write_concepts(tmp_path / "concepts")
-    shipped = ASSETS_DIR / "concepts"
-    assert sorted(p.name for p in shipped.iterdir()) == sorted(c.name for c in CONCEPTS)
-    for concept in CONCEPTS:
-        for index in range(len(VIEWS)):
-            for suffix in ("", "_bg"):
-                name = f"{concept.name}/{index}{suffix}.png"
-                assert np.array_equal(np.asarray(Image.open(shipped / name)), np.asarray(Image.open(written / name))), name
-    mask = np.asarray(Image.open(shipped / "teal_heart" / "0_bg.png"))
-    assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+    ring, _ = concept_views(concept_by_name("coral_ring"))[0]
+    assert tuple(ring[32, 32]) == (128, 128, 128)  # the ring's hole shows the grey background
 
 
 def test_unknown_concept_names_the_known_ones():
-    try:
+    with pytest.raises(KeyError, match="red_dotted_heart"):
         concept_by_name("dragon")
-    except KeyError as error:
-        assert "teal_heart" in str(error)
-    else:
-        raise AssertionError("expected a KeyError")

@@ -20,10 +20,14 @@ from elite_tutorial.data import (
     load_image,
     load_mask,
     object_crop,
+    box_crop,
     toy_prompt_with_placeholder,
+    toy_training_scenes,
+    unit_pixels,
 )
 from elite_tutorial.evaluation import SAYABLE_SUBSETS, sayable_objects
-from elite_tutorial.toyworld.render import POSITION_PHRASES, SIZES, SceneSpec, random_scene, random_spec, render
+from elite_tutorial.toyworld.concepts import CONCEPTS, is_held_out
+from elite_tutorial.toyworld.render import POSITION_PHRASES, SIZES, SceneSpec, ToyObject, random_scene, random_spec, render
 
 
 def test_every_pil_mode_becomes_8_bit_rgb():
@@ -74,7 +78,7 @@ def test_masks_are_white_on_the_object_and_must_mark_something():
 
 
 def test_concept_folders_in_the_authors_layout():
-    views = concept_folder(ASSETS_DIR / "concepts" / "coral_ring")
+    views = concept_folder(ASSETS_DIR / "concepts" / "red_dotted_heart")
     assert [p.name for p, _ in views] == ["0.png", "1.png", "2.png", "3.png"]
     assert all(m is not None and m.name == f"{p.stem}_bg.png" for p, m in views)
 
@@ -134,7 +138,7 @@ def test_toy_global_view_shows_the_encoder_the_object_alone_and_the_unet_the_who
     assert scene_view["prompts"] == object_view["prompts"]
     assert not torch.equal(scene_view["clip_pixels"], object_view["clip_pixels"])
     rng = np.random.default_rng(3)  # the batch's draws, in its order: scenes, then each view's augmentation
-    scenes = [random_scene(int(seed), two_object_probability=0.0) for seed in rng.integers(0, 10**9, 4)]
+    scenes = toy_training_scenes(rng, 4)
     crops = [object_crop(Image.fromarray(scene.image), scene.masks[0]) for scene in scenes]
     assert torch.equal(object_view["clip_pixels"], torch.stack([augment_for_clip(crop, 32, rng) for crop in crops]))
     with pytest.raises(ValueError, match="global_view"):
@@ -163,7 +167,7 @@ def test_the_toy_close_up_target_is_what_the_unet_and_the_encoder_see():
     rng = np.random.default_rng(5)
     batch = ToyWorldSource(clip_size=32, target="close-up").batch(rng, 3)
     rng = np.random.default_rng(5)  # the batch's draws: scenes, then the views' augmentation, then the prompts
-    scenes = [close_up(random_scene(int(seed), two_object_probability=0.0)) for seed in rng.integers(0, 10**9, 3)]
+    scenes = [close_up(scene) for scene in toy_training_scenes(rng, 3)]
     images = [Image.fromarray(scene.image) for scene in scenes]
     assert torch.equal(batch["pixel_values"], torch.stack([torch.from_numpy(s.image.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)
                                                           for s in scenes]))
@@ -189,6 +193,36 @@ def test_fixed_objects_are_drawn_in_their_one_render_and_seen_alone():
     assert [mask.sum() for _, mask in source.validation_concepts()] == [r[1][0].sum() for r in source.renders]
     with pytest.raises(ValueError, match="at least one object"):
         FixedObjectsSource([], clip_size=32)
+    concept = ToyObject(CONCEPTS[0].shape, CONCEPTS[0].colour, CONCEPTS[0].pattern)
+    with pytest.raises(ValueError, match="held out"):
+        FixedObjectsSource([*objects, concept], clip_size=32)
+
+
+def test_no_training_scene_ever_shows_a_personal_concept():
+    rng = np.random.default_rng(0)
+    drawn = [random_scene(int(seed), two_object_probability=0.0) for seed in rng.integers(0, 10**9, 800)]
+    assert sum(is_held_out(s.spec.objects[0]) for s in drawn) > 30  # unfiltered, a tenth of scenes would be
+    for seed in range(4):
+        scenes = toy_training_scenes(np.random.default_rng(seed), 400)
+        assert len(scenes) == 400 and not any(is_held_out(s.spec.objects[0]) for s in scenes)
+    # both stages' toy batches are made of those scenes
+    batch = ToyWorldSource(clip_size=32).batch(np.random.default_rng(9), 64)
+    scenes = toy_training_scenes(np.random.default_rng(9), 64)
+    assert torch.equal(batch["pixel_values"], torch.stack([torch.from_numpy(s.image.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)
+                                                          for s in scenes]))
+    local = ToyWorldSource(clip_size=32).local_batch(np.random.default_rng(9), 16, scale_augmentation=False)
+    assert torch.equal(local["clip_pixels"], torch.stack([unit_pixels(Image.fromarray(s.image), 32) for s in scenes[:16]]))
+
+
+def test_the_box_crop_keeps_the_background_and_stays_inside_the_image():
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), bool)
+    mask[10:30, 40:50] = True  # 20 tall, 10 wide; centre (x 45, y 20)
+    crop = np.asarray(box_crop(Image.fromarray(image), mask, margin=0.25))
+    assert crop.shape == (25, 25, 3) and np.array_equal(crop, image[7:32, 32:57])  # background kept
+    edge = np.zeros((64, 64), bool)
+    edge[0:8, 0:8] = True  # the square would run off the image: it slides inside
+    assert np.array_equal(np.asarray(box_crop(Image.fromarray(image), edge)), image[0:10, 0:10])
 
 
 def test_the_sayable_halves_split_the_twenty_objects_each_shape_twice_in_the_even_half():

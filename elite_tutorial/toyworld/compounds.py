@@ -47,6 +47,7 @@ from ..data import clip_pixels, object_crop
 from ..mappers import GlobalMapper, clip_feature_levels
 from ..storage import atomic_directory
 from ..words import DEFAULT_PLACEHOLDER, encode_prompts_with_words
+from .concepts import is_held_out
 from .pretrain import HELD_OUT_SEED, ScenePool, _autocast, _encode_pool, tokenize, train_loop
 from .render import COLOURS, PATTERNS, SHAPES, caption, described, random_spec, render
 
@@ -165,13 +166,18 @@ def teach_compound_words(components_folder: Path, out: Path, recipe: CompoundRec
     return record
 
 
-def _object_views(components: Components, count: int, first_seed: int) -> tuple[list[torch.Tensor], list[str]]:
-    """`count` random single-object scenes: the CLIP levels of each object alone (what an object-view
-    mapper reads) and the object said in words ('red dotted circle'; solid goes unsaid)."""
+def _object_views(components: Components, count: int, first_seed: int, skip_concepts: bool = False
+                  ) -> tuple[list[torch.Tensor], list[str]]:
+    """The random single-object scenes of seeds `first_seed` onwards, `count` of them (fewer with
+    `skip_concepts`, which leaves out the personal concepts' identities): the CLIP levels of each
+    object alone (what an object-view mapper reads) and the object said in words ('red dotted
+    circle'; solid goes unsaid)."""
     size = components.image_encoder.config.image_size
     pixels, phrases = [], []
     for seed in range(first_seed, first_seed + count):
         spec = random_spec(np.random.default_rng(seed), two_object_probability=0.0)
+        if skip_concepts and is_held_out(spec.objects[0]):
+            continue
         image, masks = render(spec)
         pixels.append(clip_pixels(object_crop(Image.fromarray(image), masks[0]), size))
         phrases.append(described(asdict(spec.objects[0])))
@@ -183,16 +189,17 @@ def _object_views(components: Components, count: int, first_seed: int) -> tuple[
 def fit_mapper_to_compounds(components: Components, count: int = 6000, epochs: int = 30, seed: int = 0,
                             held_out: int = 1000, progress: bool = True) -> tuple[GlobalMapper, dict]:
     """A `GlobalMapper` (object view) whose w0 is fitted by regression onto each training object's
-    compound word: `count` random single-object scenes, `epochs` passes of AdamW (batch 128), its k/v
+    compound word: the random single-object scenes of `count` seeds (those showing a personal concept
+    left out, as from every mapper source), `epochs` passes of AdamW (batch 128), its k/v
     copies the UNet's own. Returns it and {"train_mse", "held_out_mse", "held_out_variance"} (on
     `held_out` held-out scenes; the variance is the targets' per dimension, what a constant word would score)."""
-    levels, phrases = _object_views(components, count, FIT_SEED)
+    levels, phrases = _object_views(components, count, FIT_SEED, skip_concepts=True)  # a mapper source
     held_levels, held_phrases = _object_views(components, held_out, HELD_OUT_SEED)
     targets, held_targets = compound_embeddings(components, phrases), compound_embeddings(components, held_phrases)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         mapper = GlobalMapper.from_components(components, input_view="object").float()
-        order = [torch.randperm(count) for _ in range(epochs)]
+        order = [torch.randperm(len(phrases)) for _ in range(epochs)]
     parameters = [*mapper.mapping[0].parameters(), *mapper.mapping_patch[0].parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=1e-3)
     for permutation in tqdm(order, desc="fit w0 to compound words", disable=not progress):

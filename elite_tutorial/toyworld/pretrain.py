@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModel
 
 from ..data import clip_normalise  # the toy image encoder is fed exactly like ViT-L/14
-from ..storage import load_optimizer_tensors, optimizer_tensors, save_safetensors_atomic
+from ..storage import load_optimizer_tensors, optimizer_tensors, save_safetensors_atomic, write_json_atomic
 from .judge import ToyJudge, label_indices
 from .models import toy_clip, toy_scheduler, toy_tokenizer, toy_unet, toy_vae
 from .render import SHAPES, SIZE, SceneSpec, caption, images_to_tensor, random_spec, render
@@ -439,12 +439,6 @@ def _finish_stage(work: Path, name: str, save: Callable[[Path], None], record: d
     (work / f"{name}.checkpoint.safetensors").unlink(missing_ok=True)
 
 
-def _write_json_atomic(path: Path, value: dict) -> None:
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    partial.write_text(json.dumps(value, indent=1))
-    os.replace(partial, path)
-
-
 def pretrain(out: Path, eval_out: Path, recipe: Recipe = Recipe(), device: str | None = None,
              command: str = "", stages: tuple[str, ...] = STAGES) -> dict | None:
     """Run (or resume) `stages`; once all four are done, write `out` (components folder) and
@@ -466,7 +460,7 @@ def pretrain(out: Path, eval_out: Path, recipe: Recipe = Recipe(), device: str |
             f"{work} holds an unfinished run with another recipe ({recipe_file.read_text()}); resume it "
             "with the same --profile and --seed, or delete that folder to start over."
         )
-    _write_json_atomic(recipe_file, asdict(recipe))
+    write_json_atomic(recipe_file, asdict(recipe))
 
     tokenizer = toy_tokenizer()
     pool_cache = work / "pool.npy"
@@ -477,7 +471,7 @@ def pretrain(out: Path, eval_out: Path, recipe: Recipe = Recipe(), device: str |
         started = time.perf_counter()
         scenes = ScenePool(recipe.seed * 1_000_000, recipe.pool_size, cache=pool_cache)
         if rendered_here:
-            _write_json_atomic(work / "pool.json", {"seconds": round(time.perf_counter() - started, 1)})
+            write_json_atomic(work / "pool.json", {"seconds": round(time.perf_counter() - started, 1)})
         return scenes
 
     def clip_stage():

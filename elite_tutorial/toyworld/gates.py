@@ -106,7 +106,7 @@ def _inversions(components, concepts, samples: int, seed: int, ti_profile: str):
 
 def _score_methods(results: Path, command: str, methods: dict, judge: ToyJudge, samples: int, seed: int) -> dict:
     """Score each method (name -> (generator, what its file keeps, concepts)), write its results file,
-    and return the summaries."""
+    and return {"methods": each one's summary, and the sampling settings}."""
     settings = dict(samples_per_prompt=samples, seed=seed, steps=TOY_DEFAULTS.num_inference_steps,
                     guidance_scale=TOY_DEFAULTS.guidance_scale)
     summaries = {}
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("gate", choices=[*sorted(TARGETS), "out-of-span"],
                         help="a gate, or out-of-span: the lesson's figures (Textual Inversion on what the model never learned)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the results files")
-    parser.add_argument("--encoder", type=Path, default=None, help="readable: an image encoder folder")
+    parser.add_argument("--encoder", type=Path, default=None, help="readable: an image encoder folder, or an encoder training checkpoint file")
     parser.add_argument("--samples", type=int, default=8, help="drawable: images per concept and prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ti-profile", choices=sorted(TI_PROFILES), default="toy")

@@ -14,6 +14,7 @@ stage 2 (`data.OpenImagesMaskSource`).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 from .components import load_components
 from .data import (GLOBAL_VIEWS, TOY_CONTEXT_PROBABILITY, TOY_TARGETS, FixedObjectsSource, OpenImagesMaskSource,
                    OpenImagesSource, ToyWorldSource)
-from .mappers import GlobalMapper
+from .mappers import NUM_LEVELS, GlobalMapper
 from .training import LOCAL_PROFILES, LR_SCHEDULES, PROFILES, recipe_with, train_global, train_local
 
 
@@ -47,28 +48,65 @@ def _source(data: str, components, stage: str, context_probability: float = TOY_
     return OpenImagesSource(Path(data), resolution=resolution, clip_size=clip_size)
 
 
+def whole_number(minimum: int, why: str = ""):
+    """An argparse type: a whole number at least `minimum` (`why`, if given, is added to the error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}{why}")
+        return value
+    return parse
+
+
+def finite_number(minimum: float = 0.0, above: bool = False, maximum: float = math.inf):
+    """An argparse type: a finite number >= `minimum` (> with `above`) and <= `maximum`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        low_ok = value > minimum if above else value >= minimum
+        if not (math.isfinite(value) and low_ok and value <= maximum):
+            bound = f"{'above' if above else 'at least'} {minimum:g}" + (f" and at most {maximum:g}" if maximum < math.inf else "")
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, not {text}")
+        return value
+    return parse
+
+
+def _check_out(parser: argparse.ArgumentParser, out: Path) -> None:
+    """--out must be a folder, or not exist yet (checked now, not at the first checkpoint)."""
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        parser.error(f"--out {out}: {existing} is a file; give a folder (a new one, or the run's own to --resume).")
+
+
 def _common_options(stage: argparse.ArgumentParser, profiles) -> None:
     stage.add_argument("--preset", default="toy", help="components: a preset name or a components folder")
     stage.add_argument("--profile", default="toy", choices=sorted(profiles))
     stage.add_argument("--data", default="toy", help="'toy' or an OpenImages folder")
     stage.add_argument("--out", required=True, type=Path)
     stage.add_argument("--resume", choices=["latest"], help="continue from the newest checkpoint in --out")
-    stage.add_argument("--steps", type=int)
-    stage.add_argument("--batch-size", type=int)
-    stage.add_argument("--gradient-accumulation", type=int)
-    stage.add_argument("--learning-rate", type=float, help="per sample (scaled by the total batch)")
+    stage.add_argument("--steps", type=whole_number(1))
+    stage.add_argument("--batch-size", type=whole_number(1))
+    stage.add_argument("--gradient-accumulation", type=whole_number(1))
+    stage.add_argument("--learning-rate", type=finite_number(), help="per sample (scaled by the total batch; 0 trains nothing)")
     stage.add_argument("--lr-schedule", choices=LR_SCHEDULES,
                        help="the learning rate over the run: constant (the profiles'), or down to 0 at the last step")
-    stage.add_argument("--seed", type=int)
-    stage.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (the profile's by default)")
-    stage.add_argument("--keep-checkpoints", type=int,
+    stage.add_argument("--seed", type=whole_number(0))
+    stage.add_argument("--checkpoint-every", type=whole_number(1), help="steps between checkpoints (the profile's by default)")
+    stage.add_argument("--keep-checkpoints",
+                       type=whole_number(1, " (the newest checkpoint is what --resume reads; to keep them all, "
+                                            "give at least steps / checkpoint-every)"),
                        help="how many of the newest checkpoints to keep (the profile's by default; e.g. all of them, "
                             "to score a run at several lengths)")
-    stage.add_argument("--key-value-lr-scale", type=float,
+    stage.add_argument("--key-value-lr-scale", type=finite_number(),
                        help="the k/v copies' learning rate as a multiple of the mapper's (0 keeps them frozen)")
     stage.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     stage.add_argument("--gradient-checkpointing", action="store_true")
-    stage.add_argument("--data-workers", type=int, default=0,
+    stage.add_argument("--data-workers", type=whole_number(0), default=0,
                        help="processes that build batches ahead (beside a GPU; the batches are the same)")
 
 
@@ -77,22 +115,23 @@ def main(argv: list[str] | None = None) -> None:
     stages = parser.add_subparsers(dest="stage", required=True)
     stage = stages.add_parser("global", help="stage 1: the global mapping network (+ k/v copies)")
     _common_options(stage, PROFILES)
-    stage.add_argument("--num-words", type=int, help="words injected in training (1 for the ablation)")
-    stage.add_argument("--reg-weight", type=float, help="weight of mean |words| (0 for the ablation)")
-    stage.add_argument("--toy-context-probability", type=float, default=TOY_CONTEXT_PROBABILITY,
+    stage.add_argument("--num-words", type=int, choices=range(1, NUM_LEVELS + 1),
+                       help="words injected in training (1 for the ablation)")
+    stage.add_argument("--reg-weight", type=finite_number(), help="weight of mean |words| (0 for the ablation)")
+    stage.add_argument("--toy-context-probability", type=finite_number(maximum=1.0), default=TOY_CONTEXT_PROBABILITY,
                        help="toy data: how often a caption says the object's size, its position and the background")
-    stage.add_argument("--object-loss-weight", type=float,
+    stage.add_argument("--object-loss-weight", type=finite_number(),
                        help="weight of the object's pixels in the diffusion loss, the rest 1 (toy data; default 1)")
-    stage.add_argument("--snr-gamma", type=float,
+    stage.add_argument("--snr-gamma", type=finite_number(above=True),
                        help="Min-SNR-γ weighting of the diffusion loss over timesteps (e.g. 5; default: the plain mean)")
-    stage.add_argument("--key-value-anchor", type=float,
+    stage.add_argument("--key-value-anchor", type=finite_number(),
                        help="weight of a loss that keeps the k/v copies near the UNet's own (e.g. 0.1; default 0)")
     stage.add_argument("--toy-global-view", choices=GLOBAL_VIEWS, default="image",
                        help="toy data: what the image encoder sees, the whole scene or the object alone (cut out by its mask)")
     stage.add_argument("--toy-global-target", choices=TOY_TARGETS, default="scene",
                        help="toy data: the UNet's target, the scene as drawn or its object redrawn large at the centre "
                             "(as the authors' box crops fill the image with the object)")
-    stage.add_argument("--toy-fixed-objects", type=int,
+    stage.add_argument("--toy-fixed-objects", type=whole_number(1),
                        help="toy data: train on the first N of the even half of the sayable objects (`--sayable-objects "
                             "even` of the evaluation; by default the ten Textual Inversion is scored on), each in its one "
                             "render, instead of random scenes")
@@ -105,8 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     stage = stages.add_parser("local", help="stage 2: the local mapping network (+ local k/v copies)")
     _common_options(stage, LOCAL_PROFILES)
     stage.add_argument("--global-mapper", required=True, type=Path, help="the trained global mapper's folder (frozen)")
-    stage.add_argument("--reg-weight", type=float, help="weight of mean |local values|")
+    stage.add_argument("--reg-weight", type=finite_number(), help="weight of mean |local values|")
     args = parser.parse_args(argv)
+    _check_out(parser, args.out)
 
     overrides = dict(steps=args.steps, batch_size=args.batch_size, gradient_accumulation=args.gradient_accumulation,
                      learning_rate=args.learning_rate, reg_weight=args.reg_weight, seed=args.seed,
@@ -122,16 +162,18 @@ def main(argv: list[str] | None = None) -> None:
     recipe = recipe_with(args.profile, args.stage, **overrides)
     # frozen models in the compute dtype; the mapper keeps fp32 weights (autocast does the rest)
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    # the given mapper first (stage 1's start, stage 2's frozen one): a mistyped path fails before the components load
+    given_path = args.init_mapper if args.stage == "global" else args.global_mapper
+    given = GlobalMapper.from_pretrained(given_path) if given_path else None
     components = load_components(args.preset, device="cpu", dtype=dtype)
     options = dict(resume=args.resume == "latest", mixed_precision=args.mixed_precision,
                    gradient_checkpointing=args.gradient_checkpointing, data_workers=args.data_workers,
                    command=" ".join(["elite-train", *(sys.argv[1:] if argv is None else argv)]))
     source = _source(args.data, components, args.stage, **toy_options)
     if args.stage == "global":
-        initial = GlobalMapper.from_pretrained(args.init_mapper) if args.init_mapper else None
-        mapper = train_global(components, source, args.out, recipe, initial_mapper=initial, **options)
+        mapper = train_global(components, source, args.out, recipe, initial_mapper=given, **options)
     else:
-        mapper = train_local(components, GlobalMapper.from_pretrained(args.global_mapper), source, args.out, recipe, **options)
+        mapper = train_local(components, given, source, args.out, recipe, **options)
     print(f"{args.stage} mapper ({sum(p.numel() for p in mapper.parameters()) / 1e6:.2f} M parameters) -> {args.out / 'mapper'}")
 
 

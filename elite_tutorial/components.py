@@ -32,7 +32,7 @@ from transformers import (
     CLIPVisionModel,
 )
 
-from .data import IMAGENET_TEMPLATES
+from .data import FAR_PHRASES, IMAGENET_TEMPLATES, NEAR_PHRASES
 from .storage import atomic_directory
 from .toyworld.render import ATTRIBUTES, POSITION_PHRASES, PREFIXES
 from .toyworld.tokenizer import build_clip_tokenizer
@@ -117,13 +117,51 @@ class Components:
 
 
 def default_device_and_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
-    """CUDA + fp16 when a GPU is present, else CPU + fp32; explicit arguments win."""
+    """CUDA + fp16 when a GPU is present, else CPU + fp32; explicit arguments win.
+
+    `dtype` may be a torch dtype or its name ("float16", "bfloat16", "float32"; "fp16", "bf16",
+    "fp32"). A device this machine lacks is refused here, not deep inside PyTorch.
+    """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = _available_device(device)
+    dtype = _as_dtype(dtype)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     return device, dtype
+
+
+_DTYPE_NAMES = {"fp16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+                "float": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+                "float64": torch.float64}
+
+
+def _as_dtype(dtype) -> torch.dtype | None:
+    """A torch dtype from a dtype or its name (a string left as it is gives models of mixed dtypes)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype must be a torch dtype (e.g. torch.float16) or one of the names "
+                     f"{', '.join(map(repr, _DTYPE_NAMES))}; not {dtype!r}.")
+
+
+def _available_device(device) -> torch.device:
+    """`device` as a torch.device, if this machine has it."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{device!r} is not a device name ({error}); use 'cpu', 'cuda' or 'cuda:<index>'.") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device={str(device)!r}, but PyTorch finds no CUDA GPU on this machine "
+                             "(none, no driver, or a CPU-only PyTorch); use device='cpu', or leave it out.")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device={str(device)!r}, but this machine has {count} CUDA GPU(s): cuda:0..cuda:{count - 1}.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device='mps', but Apple's MPS backend is not available here; use device='cpu'.")
+    return device
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,12 +265,13 @@ def _load_toy(device=None, dtype=None) -> Components:
 
 
 # The words the tiny-random tokenizer knows as single tokens (anything else splits into characters):
-# a few of its own, the toy world's and the training templates', so that no prompt a test builds
-# splits into characters that include the placeholder's token ("grass" -> ... "s</w>").
+# a few of its own, the toy world's and the training captions', so that every prompt a test builds is
+# made of known words (`words.tokenize_with_placeholder` refuses a word this vocabulary lacks).
 TINY_WORDS = sorted(
     set("a an the photo picture of in on with and S dog cat background".split())
     | {word for values in ATTRIBUTES.values() for word in values}
-    | {word for phrase in (*POSITION_PHRASES.values(), *PREFIXES, *IMAGENET_TEMPLATES) for word in phrase.replace("{}", "").split()}
+    | {word for phrase in (*POSITION_PHRASES.values(), *PREFIXES, *IMAGENET_TEMPLATES, *FAR_PHRASES, *NEAR_PHRASES)
+       for word in phrase.replace("{}", "").split()}
 )
 
 
@@ -291,6 +330,7 @@ def load_components(preset_or_path: str | os.PathLike | None = None, device=None
     """
     if preset_or_path is None:
         preset_or_path = preset_from_env()
+    device, dtype = default_device_and_dtype(device, dtype)  # a bad device or dtype fails before any download
     if isinstance(preset_or_path, str) and preset_or_path in PRESETS:
         return PRESETS[preset_or_path](device=device, dtype=dtype)
     if Path(preset_or_path).is_dir():

@@ -2,11 +2,12 @@
 
 The authors' preprocessing for the image encoder: the image as RGB, resized (squashed, not cropped)
 to the encoder's input size with bicubic resampling, scaled to [0, 1] and normalised with CLIP's mean
-and std. Masks are white (any non-zero value) on the object, in RGB or greyscale.
+and std. Masks are white on the object, in RGB or greyscale (or, in a cut-out PNG, its alpha).
 
 Beyond what their code reads (8-bit RGB JPEG/PNG), `load_image` accepts any PIL mode: greyscale,
 palette, 16-bit and 32-bit greyscale (rescaled to 8 bits), and images with transparency (composited
-over white, so transparent pixels do not become black).
+over white, so transparent pixels do not become black); photos are turned upright by their EXIF
+orientation; numpy arrays and torch tensors, channels last or first, uint8 or float in [0, 1].
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
@@ -37,7 +38,7 @@ IMAGENET_TEMPLATES = (
     "a photo of a cool {}", "a photo of a small {}",
 )
 
-ImageLike = str | os.PathLike | Image.Image | np.ndarray
+ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
 # What a global mapper reads of a concept image: the whole image (the authors'), or the object alone.
 GLOBAL_VIEWS = ("image", "object")
@@ -54,9 +55,9 @@ def clip_normalise(pixels01: torch.Tensor) -> torch.Tensor:
 
 def _open(source: ImageLike, what: str) -> Image.Image:
     if isinstance(source, Image.Image):
-        return source
-    if isinstance(source, np.ndarray):
-        return Image.fromarray(source)
+        return _upright(source)
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        return _from_array(source, what)
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"No {what} file at {path}.")
@@ -65,7 +66,49 @@ def _open(source: ImageLike, what: str) -> Image.Image:
         image.load()  # decode now: a truncated file fails here, not later
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"{path} is not a readable {what} (corrupt, truncated or not an image file): {error}") from None
-    return image
+    return _upright(image)
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image as viewers show it: a camera's EXIF orientation (a phone photo taken upright is
+    stored sideways, with a tag that says so) applied to the pixels."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
+
+
+def _from_array(array: np.ndarray | torch.Tensor, what: str) -> Image.Image:
+    """A numpy array or torch tensor -> PIL image.
+
+    Shapes: (H, W), (H, W, C) or channels-first (C, H, W), with C = 1, 3 or 4 (channels first when
+    only the first axis looks like channels). Values: bool, uint8, uint16 or int32 as PIL reads them,
+    other integers in 0..255, floats in [0, 1] (scaled to 0..255) or, above 1, in 0..255.
+    """
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    shape = array.shape
+    if array.ndim == 3 and shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4):
+        array = array.transpose(1, 2, 0)  # torch's channels-first layout -> PIL's channels-last
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 2 and not (array.ndim == 3 and array.shape[-1] in (3, 4)):
+        raise ValueError(f"An {what} array must be (H, W), (H, W, C) or (C, H, W) with 1, 3 or 4 channels; got shape {shape}.")
+    if array.dtype.kind == "f":
+        low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+        if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 255:
+            raise ValueError(f"A float {what} array must hold values in [0, 1] (or 0..255); this one holds {low:.4g}..{high:.4g}. "
+                             "Rescale it first, e.g. (x + 1) / 2 for values in [-1, 1].")
+        array = np.clip(array * (255 if high <= 1 else 1) + 0.5, 0, 255).astype(np.uint8)
+    elif array.dtype.kind in "iu" and array.dtype not in (np.uint8, np.uint16, np.int32):  # PIL reads those three
+        if array.size and (array.min() < 0 or array.max() > 255):
+            raise ValueError(f"An integer {what} array of {array.dtype} must hold values in 0..255; this one holds "
+                             f"{array.min()}..{array.max()}. Convert it to uint8 first.")
+        array = array.astype(np.uint8)
+    try:
+        return Image.fromarray(np.ascontiguousarray(array))
+    except TypeError as error:
+        raise ValueError(f"Cannot read a {what} array of shape {shape} and type {array.dtype}: {error}. "
+                         "Pass uint8 values, (H, W, 3) RGB or (H, W) grey.") from None
 
 
 def _to_8bit_grey(image: Image.Image) -> Image.Image:
@@ -81,7 +124,8 @@ def _to_8bit_grey(image: Image.Image) -> Image.Image:
 
 
 def load_image(source: ImageLike) -> Image.Image:
-    """Any image (path, PIL image or uint8 array, any mode and size) -> an 8-bit RGB PIL image."""
+    """Any image (path, PIL image, numpy array or torch tensor; any mode and size) -> an 8-bit RGB PIL
+    image, upright (EXIF orientation applied). Arrays: see `_from_array`."""
     image = _to_8bit_grey(_open(source, "image"))
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -93,11 +137,26 @@ def load_image(source: ImageLike) -> Image.Image:
 
 
 def load_mask(source: ImageLike, size: tuple[int, int] | None = None) -> np.ndarray:
-    """A mask image (white = object) -> bool array (H, W); resized (nearest) to `size` = (W, H) if given."""
-    grey = _to_8bit_grey(_open(source, "mask")).convert("L")
+    """A mask image (white = object) -> bool array (H, W); resized (nearest) to `size` = (W, H) if given.
+
+    The object is where the mask is brighter than half its brightest value: mid-grey for a 0/255
+    mask, so JPEG noise around black and white moves no pixel (a 0/1 label mask works too). A mask
+    with transparency that varies (a cut-out PNG) marks the object by its alpha channel: its colours
+    may be anything, all white included.
+    """
+    image = _to_8bit_grey(_open(source, "mask"))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    grey = image.convert("L")
+    if image.mode.endswith("A"):
+        alpha = image.getchannel("A")
+        low, high = alpha.getextrema()
+        if low != high:
+            grey = alpha
     if size is not None and grey.size != tuple(size):
         grey = grey.resize(tuple(size), Image.Resampling.NEAREST)
-    mask = np.asarray(grey) > 0
+    values = np.asarray(grey)
+    mask = values > values.max() / 2
     if not mask.any():
         raise ValueError("The mask is empty (no white pixels): it must mark the object in white.")
     return mask
@@ -366,6 +425,11 @@ class FixedObjectsSource:
 # --------------------------------------------------------------------------------------------------
 # Training samples for the local mapper (stage 2).
 
+# What a stage-2 caption says of a shrunk or an enlarged target (`scale_augment`)
+FAR_PHRASES = ("a far away", "very small")
+NEAR_PHRASES = ("zoomed in", "close up")
+
+
 def scale_augment(image: Image.Image, size: int, latent_factor: int, rng: np.random.Generator, enabled: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """The authors' stage-2 scale augmentation (borrowed from Custom Diffusion) of the UNet's target.
@@ -388,7 +452,7 @@ def scale_augment(image: Image.Image, size: int, latent_factor: int, rng: np.ran
     latent = size // latent_factor
     valid = np.ones((latent, latent), dtype=np.float32)
     if scale < 0.6 * size:
-        phrase = ("a far away", "very small")[rng.integers(2)]
+        phrase = FAR_PHRASES[rng.integers(2)]
         cy, cx = (int(v) for v in rng.integers(scale // 2, size - scale // 2 + 1, size=2))
         pixels = np.zeros((size, size, 3), dtype=np.float32)
         pasted = np.asarray(image.resize((scale, scale), Image.Resampling.BICUBIC), dtype=np.float32) / 127.5 - 1
@@ -397,7 +461,7 @@ def scale_augment(image: Image.Image, size: int, latent_factor: int, rng: np.ran
         valid[(cy - scale // 2) // latent_factor + 1: (cy + scale // 2) // latent_factor - 1,
               (cx - scale // 2) // latent_factor + 1: (cx + scale // 2) // latent_factor - 1] = 1
     elif scale > size:
-        phrase = ("zoomed in", "close up")[rng.integers(2)]
+        phrase = NEAR_PHRASES[rng.integers(2)]
         cy, cx = (int(v) for v in rng.integers(size // 2, scale - size // 2 + 1, size=2))
         enlarged = np.asarray(image.resize((scale, scale), Image.Resampling.BICUBIC), dtype=np.float32) / 127.5 - 1
         pixels = enlarged[cy - size // 2: cy + size // 2, cx - size // 2: cx + size // 2]

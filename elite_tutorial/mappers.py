@@ -16,11 +16,11 @@ with their config (`save_pretrained` / `from_pretrained`).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
 import re
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -110,6 +110,7 @@ class _LevelMapper(nn.Module):
     """
 
     branch: str
+    _file_hint = " For the authors' `.pt` checkpoints use from_official."
 
     def __init__(
         self,
@@ -198,14 +199,29 @@ class _LevelMapper(nn.Module):
                 size = size + own_weight.square().sum()
         return moved / size
 
+    @classmethod
+    def _check_weights(cls, state: Mapping[str, torch.Tensor], source: str) -> None:
+        """Refuse another branch's weights and non-finite ones, naming `source` (a file or "the state dict")."""
+        other = next((b for b in ("global", "local") if b != cls.branch and any(k.startswith(f"to_k_{b}.") for k in state)), None)
+        if other is not None:
+            raise ValueError(f"{source} holds a {other} mapper; load it with {other.capitalize()}Mapper, not {cls.__name__}.")
+        broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if broken:
+            raise ValueError(f"{source} holds NaN or infinite weights ({', '.join(broken[:3])}"
+                             + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+                             + "): the file is corrupted, or training diverged. Use another copy or checkpoint.")
+
     # -- saving --------------------------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
-        """`PyTorchModelHubMixin.save_pretrained` (config.json + model.safetensors), written atomically."""
+    def save_pretrained(self, save_directory: str | os.PathLike, log: dict | None = None, **kwargs):
+        """`PyTorchModelHubMixin.save_pretrained` (config.json + model.safetensors), written atomically;
+        `log` (the training log) is written as log.json in the same step."""
         if kwargs.get("push_to_hub"):
             return super().save_pretrained(save_directory, **kwargs)
         with atomic_directory(save_directory) as staging:
             super().save_pretrained(staging, **kwargs)
+            if log is not None:
+                (staging / "log.json").write_text(json.dumps(log))
         return None
 
     # -- the authors' checkpoint format ----------------------------------------------------------------
@@ -217,8 +233,13 @@ class _LevelMapper(nn.Module):
         Sizes come from the checkpoint; with `components`, they are checked against them.
         The file is read with `torch.load(weights_only=True)`: plain tensors only.
         """
-        state = read_official_checkpoint(checkpoint) if not isinstance(checkpoint, Mapping) else dict(checkpoint)
+        if isinstance(checkpoint, Mapping):
+            state, source = dict(checkpoint), "the state dict"
+        else:
+            state, source = read_official_checkpoint(checkpoint), str(checkpoint)
+            _check_official_name(Path(checkpoint), cls)
         ours, config = official_to_ours(state, cls)
+        cls._check_weights(ours, source)
         mapper = cls(**config)
         mapper.load_state_dict(ours)
         if components is not None:
@@ -314,11 +335,26 @@ def _describe_layers(layers: dict[str, list[int]]) -> str:
     return "context -> inner widths " + ", ".join(f"{i}->{o}" for i, o in widths) if widths else "none"
 
 
+def _check_official_name(path: Path, mapper_class) -> None:
+    """Refuse the other branch's file by its name: the authors' `global_mapper.pt` and `local_mapper.pt`
+    share one key layout, so only the name tells them apart."""
+    other = "local" if mapper_class.branch == "global" else "global"
+    if re.search(rf"(^|[^a-z]){other}([^a-z]|$)", path.stem.lower()):
+        raise ValueError(f"{path} is named as the authors' {other} mapper; load it with "
+                         f"{other.capitalize()}Mapper.from_official (if it really is a {mapper_class.branch} "
+                         "mapper, rename the file).")
+
+
 def read_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A `.pt` state dict of plain tensors, with clear errors for anything else."""
     path = Path(path)
+    saved_here = "a mapper saved by save_pretrained (config.json + model.safetensors) loads with from_pretrained(<its folder>)"
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; from_official reads the authors' `.pt` file, and {saved_here}.")
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint file at {path}.")
+    if path.suffix == ".safetensors":
+        raise ValueError(f"{path} is a safetensors file, not the authors' `.pt` checkpoint: {saved_here}.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -329,8 +365,9 @@ def read_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]
             f"{path} contains Python objects other than tensors ({found[1]}), so it is not loaded: only plain "
             "tensor checkpoints are, because unpickling arbitrary objects can run code."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated, or not a checkpoint): {error}") from None
+    except Exception as error:  # noqa: BLE001 (bytes that are no pickle fail in many ways: KeyError, IndexError, ...)
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated, or not a checkpoint): "
+                         f"{type(error).__name__}: {error}") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a state dict of tensors (found {type(state).__name__}).")
     return dict(state)

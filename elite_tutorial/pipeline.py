@@ -19,6 +19,8 @@ Sampling defaults: for a full-size (512 px) model, the authors' (LMS scheduler, 
 """
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -74,6 +76,20 @@ def _mask_for(image: Image.Image, mask: ImageLike) -> np.ndarray:
     return found
 
 
+def _check_sampling_arguments(num_inference_steps, guidance_scale, local_scale) -> None:
+    """Refuse the values diffusers would run with, silently wrong: no steps (noise comes out), or a
+    NaN or negative scale (guidance quietly off, a black image)."""
+    steps = num_inference_steps
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1):
+        raise ValueError(f"num_inference_steps must be a whole number of at least 1, not {steps!r} "
+                         "(leave it out for the default).")
+    for name, value in (("guidance_scale", guidance_scale), ("local_scale", local_scale)):
+        if value is not None and not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, not {value!r}"
+                             + (" (leave it out for the default; 1 or less turns guidance off)." if name == "guidance_scale"
+                                else " (0 turns the local branch off; the default is 0.8)."))
+
+
 @dataclass(frozen=True)
 class SamplingDefaults:
     num_inference_steps: int
@@ -110,7 +126,8 @@ class ELITEPipeline:
 
     @torch.no_grad()
     def encode(self, image: ImageLike, mask: ImageLike | None = None) -> Concept:
-        """Read a concept from one image (path, PIL image or array; any mode and size).
+        """Read a concept from one image (path, PIL image, numpy array or torch tensor; any mode and
+        size; see `data.load_image`).
 
         `mask` (white = object; a mask of another size is resized to the image, with a warning; an
         empty or unreadable mask raises ValueError) gates the local branch. The global words read
@@ -137,6 +154,11 @@ class ELITEPipeline:
             tokens = self.local_mapper(self._levels(clip_pixels(object_image, self.image_size)))
             grid_mask = torch.from_numpy(full_mask)[None].to(tokens.device)
             local_tokens = mask_local_tokens(tokens, grid_mask)[0]
+            if not local_tokens.any():  # the mask, read at one pixel per patch, missed the object
+                side = math.isqrt(tokens.shape[1])
+                warnings.warn(f"The mask's object is smaller than one patch of the image encoder's {side} x {side} grid: "
+                              "every local token is zero and the local branch adds nothing. Crop the image closer "
+                              "around the object.", stacklevel=2)
         return Concept(words=words, pixel_values=pixels, mask=object_mask, local_tokens=local_tokens)
 
     def _global_view(self, rgb: Image.Image, pixels: torch.Tensor, mask: np.ndarray | None) -> torch.Tensor:
@@ -187,6 +209,7 @@ class ELITEPipeline:
         Other keyword arguments go to `StableDiffusionPipeline.__call__` (`num_images_per_prompt`,
         `output_type`, `height`, `width`, `latents`, ...). Returns its output (`.images`).
         """
+        _check_sampling_arguments(num_inference_steps, guidance_scale, local_scale)
         prompt_embeds = self.prompt_embeddings(prompt, concept, token_index, placeholder)
         guidance_scale = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
         local = self._local_tokens(prompt, concept, placeholder, local_scale, guidance_scale > 1,

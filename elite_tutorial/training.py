@@ -56,8 +56,9 @@ from tqdm.auto import tqdm
 from .attention import LocalTokens, elite_attention, set_local_tokens
 from .components import Components
 from .data import LocalTrainingSource, TrainingSource, clip_normalise
-from .mappers import GlobalMapper, LocalMapper, clip_feature_levels, mask_local_tokens
-from .storage import atomic_directory, load_optimizer_tensors, optimizer_tensors, save_safetensors_atomic
+from .mappers import NUM_LEVELS, GlobalMapper, LocalMapper, clip_feature_levels, mask_local_tokens
+from .storage import (atomic_directory, load_optimizer_tensors, optimizer_tensors, save_safetensors_atomic,
+                      write_json_atomic)
 from .words import encode_prompts_with_words, tokenize_with_placeholder
 
 
@@ -97,6 +98,12 @@ class _Recipe:
 
     def __post_init__(self):
         learning_rate_factor(self.lr_schedule, 0, 1)  # an unknown schedule is refused here, not at the first step
+        # refused here, not after a silently wrong run (no step taken, all checkpoints kept or deleted, NaN weights)
+        for name in ("steps", "batch_size", "gradient_accumulation", "checkpoint_every", "keep_checkpoints", "validate_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
+            raise ValueError(f"learning_rate must be a finite number at least 0, not {self.learning_rate}.")
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,11 @@ class GlobalRecipe(_Recipe):
     object_loss_weight: float = 1.0 # weight of the object's latent pixels in loss_mle, the rest 1 (1: the authors' mean)
     snr_gamma: float | None = None  # Min-SNR-γ: each sample's loss x min(SNR(t), γ) / SNR(t) (None: the authors' plain mean)
     key_value_anchor: float = 0.0   # weight of the k/v copies' relative squared drift from the UNet's own (0: the authors' free copies)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 1 <= self.num_words <= NUM_LEVELS:
+            raise ValueError(f"num_words must be 1 to {NUM_LEVELS} (the words a global mapper makes), not {self.num_words}.")
 
 
 PROFILES = {
@@ -409,9 +421,8 @@ def _train(
     log["seconds"] = round(time.perf_counter() - started, 1)
     mapper.eval()
     if accelerator.is_main_process and (stop_after is None or stop_after >= recipe.steps):
-        mapper.save_pretrained(out / "mapper")
-        for path in (out / "log.json", out / "mapper" / "log.json"):  # the mapper folder documents itself
-            path.write_text(json.dumps(log))
+        mapper.save_pretrained(out / "mapper", log=log)  # the mapper folder documents itself
+        write_json_atomic(out / "log.json", log)
     accelerator.wait_for_everyone()
     return mapper
 

@@ -11,7 +11,12 @@ embeddings. Everything after the embedding layer (positions, causal mask, layers
 unmodified `CLIPTextModel`, and gradients flow from the output back into the injected words.
 
 The placeholder is found in the token ids, not by counting whitespace words as the authors' code
-does (that is off by one whenever an earlier word splits into several tokens, e.g. "close-up").
+does (that is off by one whenever an earlier word splits into several tokens, e.g. "close-up"), and
+only as a whole word: the last piece of a word split into several tokens ("bu" + "s" of "bus") is
+not the placeholder.
+
+A tokenizer built on a short word list (`toyworld.tokenizer`: the toy and tiny-random presets) has a
+text encoder that learnt those words only; a prompt with any other word is refused, naming it.
 """
 from __future__ import annotations
 
@@ -21,6 +26,47 @@ import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
 DEFAULT_PLACEHOLDER = "S"
+END_OF_WORD = "</w>"  # CLIP's BPE marks the last token of every word with this suffix
+CLIP_VOCABULARY_SIZE = 49408
+
+
+def has_word_list_vocabulary(tokenizer: CLIPTokenizer) -> bool:
+    """Whether `tokenizer` was built on a short word list (the toy world's) rather than CLIP's vocabulary.
+
+    Such a tokenizer (a few hundred entries; CLIP's has 49,408) splits every word it was not built
+    on into single characters, which its text encoder never learnt: a prompt would be silently
+    wrong. Real CLIP also splits rare words, but into pieces its encoder did learn.
+    """
+    return len(tokenizer) < CLIP_VOCABULARY_SIZE // 10
+
+
+def word_spans(tokenizer: CLIPTokenizer, ids: list[int]) -> list[range]:
+    """The positions in `ids` of each word's tokens, start- and end-of-text tokens left out.
+
+    `ids` is a tokenized prompt with its special tokens; a word ends at a token that ends with
+    `</w>` ("bus" may be "b", "u", "s</w>"; "close-up" is three words: "close", "-", "up").
+    """
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    spans, start = [], 1
+    for i in range(1, len(ids) - 1):
+        if tokens[i].endswith(END_OF_WORD):
+            spans.append(range(start, i + 1))
+            start = i + 1
+    return spans
+
+
+def _check_known_words(tokenizer: CLIPTokenizer, prompt: str, ids: list[int], spans: list[range]) -> None:
+    """Raise, naming them, if a word-list tokenizer splits some of the prompt's words (it lacks them)."""
+    if not has_word_list_vocabulary(tokenizer):
+        return
+    unknown = [tokenizer.decode(ids[s.start:s.stop]).strip() for s in spans if len(s) > 1]
+    if unknown:
+        raise ValueError(
+            f"The prompt {prompt!r} has word(s) this tokenizer's vocabulary lacks: "
+            f"{', '.join(repr(w) for w in dict.fromkeys(unknown))}. It was built on the toy world's words "
+            "(shapes, colours, patterns, sizes, positions, backgrounds, the training templates) and would "
+            "split any other word into characters its text encoder never learnt; rephrase with known words."
+        )
 
 
 def placeholder_token_id(tokenizer: CLIPTokenizer, placeholder: str = DEFAULT_PLACEHOLDER) -> int:
@@ -53,7 +99,10 @@ def tokenize_with_placeholder(
     rows, starts = [], []
     for prompt in prompts:
         ids = tokenizer(prompt).input_ids  # with start- and end-of-text tokens
-        positions = [i for i, token in enumerate(ids) if token == placeholder_id]
+        spans = word_spans(tokenizer, ids)
+        _check_known_words(tokenizer, prompt, ids, spans)
+        # whole words only: the final "s" of a split word is not the placeholder "S"
+        positions = [s.start for s in spans if len(s) == 1 and ids[s.start] == placeholder_id]
         if not positions:
             raise ValueError(f"The prompt {prompt!r} does not contain the placeholder word {placeholder!r}.")
         if len(positions) > 1:

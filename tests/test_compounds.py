@@ -12,6 +12,7 @@ from elite_tutorial.evaluation import textual_inversion_generator, words_generat
 from elite_tutorial.pipeline import TOY_DEFAULTS
 from elite_tutorial.toyworld import compounds as C
 from elite_tutorial.toyworld import pretrain as P
+from elite_tutorial.toyworld.concepts import CONCEPTS
 
 
 def test_fusing_replaces_the_run_of_identity_words_by_the_placeholder():
@@ -67,7 +68,7 @@ def test_the_student_starts_as_the_teacher_and_learns_the_compounds(tmp_path, mo
     shrink loss_compound."""
     toy = load_components("toy", device="cpu")
     pool = P.ScenePool(0, 32, processes=1)
-    recipe = replace(C.CompoundRecipe(), steps=20, batch=4, keep_batch=4, lr=3e-4, warmup_steps=1)
+    recipe = replace(C.CompoundRecipe(), steps=30, batch=4, keep_batch=4, lr=3e-4, warmup_steps=1)
 
     def capture(name, model, make_batch, loss_fn, *args, **kwargs):
         batch = make_batch(np.random.default_rng(0))
@@ -92,3 +93,22 @@ def test_a_fitted_mapper_beats_a_constant_word_on_held_out_objects():
     mapper, report = C.fit_mapper_to_compounds(toy, count=512, epochs=20, held_out=200, progress=False)
     assert mapper.input_view == "object"
     assert report["held_out_mse"] < 0.8 * report["held_out_variance"]
+
+
+def test_fused_captions_never_show_a_personal_concept(tmp_path, monkeypatch):
+    """The compound words a teaching step reads are training identities' only, so a concept's compound
+    word is as new to the taught encoder as to a mapper (gate 3)."""
+    pool = P.ScenePool(0, 32, two_object_probability=0.0, processes=1)
+    for index, concept in enumerate(CONCEPTS):  # half the pool shows a personal concept
+        spec = pool.specs[index]
+        pool.specs[index] = replace(spec, objects=(replace(spec.objects[0], **concept.labels()),))
+    shown = []
+
+    def draw_batches(name, model, make_batch, *args, **kwargs):
+        rng = np.random.default_rng(0)
+        shown.extend(index for _ in range(50) for index in make_batch(rng)["index"].tolist())
+        return [{}]
+
+    monkeypatch.setattr(C, "train_loop", draw_batches)
+    C.train_compounds(pool, load_components("toy", device="cpu"), C.CompoundRecipe(batch=4, keep_batch=4), tmp_path, "cpu")
+    assert len(shown) == 200 and min(shown) >= len(CONCEPTS)

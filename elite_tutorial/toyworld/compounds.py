@@ -104,7 +104,9 @@ def train_compounds(pool: ScenePool, components: Components, recipe: CompoundRec
     noise_scheduler = DDPMScheduler.from_config(c.scheduler.config)
     latent_mean, latent_std = _encode_pool(c.vae.to(device), pool, device)
     scale = c.vae.config.scaling_factor
-    single = np.array([i for i, spec in enumerate(pool.specs) if len(spec.objects) == 1])
+    # fused captions never show a personal concept: its compound word is one no teaching step read,
+    # as a mapped word for an unseen object is (gate 3)
+    single = np.array([i for i, spec in enumerate(pool.specs) if len(spec.objects) == 1 and not is_held_out(spec.objects[0])])
 
     def make_batch(rng):
         index = single[rng.integers(len(single), size=recipe.batch)]

@@ -73,11 +73,17 @@ PROFILES = {"default": EncoderRecipe(), "smoke": EncoderRecipe(steps=4, batch=24
                                                                 checkpoint_every=2)}
 
 
-def mapper_view(spec: SceneSpec, margin: float = VIEW_MARGIN) -> np.ndarray:
-    """What a global mapper reads of a single-object scene: its padded box, (64, 64, 3) uint8."""
-    image, masks = render(spec)
-    crop = box_crop(Image.fromarray(image), masks[0], margin)
+def box_view(image: np.ndarray, mask: np.ndarray, margin: float = VIEW_MARGIN) -> np.ndarray:
+    """What a global mapper reads of an image (H, W, 3) uint8 with its object's mask (H, W) bool: the
+    padded box around the object, (64, 64, 3) uint8."""
+    crop = box_crop(Image.fromarray(image), mask, margin)
     return np.asarray(crop.resize((SIZE, SIZE), Image.Resampling.BICUBIC))
+
+
+def mapper_view(spec: SceneSpec, margin: float = VIEW_MARGIN) -> np.ndarray:
+    """The box view (`box_view`) of a single-object scene, (64, 64, 3) uint8."""
+    image, masks = render(spec)
+    return box_view(image, masks[0], margin)
 
 
 def training_spec(rng: np.random.Generator) -> SceneSpec:
@@ -186,15 +192,20 @@ def probe_specs(training: int = 3000, per_concept: int = 40, seed: int = PROBE_S
 
 
 @torch.no_grad()
-def mapper_features(image_encoder: CLIPVisionModel, specs: list[SceneSpec], batch: int = 250) -> torch.Tensor:
-    """What a global mapper reads of each scene's box view: at each of the five levels, the class token
-    and the mean patch token, side by side. (n, 5 * 2 * width)."""
+def view_features(image_encoder: CLIPVisionModel, views: np.ndarray, batch: int = 250) -> torch.Tensor:
+    """What a global mapper reads of box views (n, 64, 64, 3) uint8: at each of the five levels, the
+    class token and the mean patch token, side by side. (n, 5 * 2 * width)."""
     features = []
-    for start in range(0, len(specs), batch):
-        pixels = images_to_tensor(np.stack([mapper_view(s) for s in specs[start:start + batch]]))
+    for start in range(0, len(views), batch):
+        pixels = images_to_tensor(views[start:start + batch])
         levels = clip_feature_levels(image_encoder, clip_normalise(pixels).to(image_encoder.dtype))
         features.append(torch.cat([torch.cat([level[:, 0], level[:, 1:].mean(1)], 1) for level in levels], 1).float().cpu())
     return torch.cat(features)
+
+
+def mapper_features(image_encoder: CLIPVisionModel, specs: list[SceneSpec], batch: int = 250) -> torch.Tensor:
+    """`view_features` of each single-object scene's box view. (n, 5 * 2 * width)."""
+    return view_features(image_encoder, np.stack([mapper_view(spec) for spec in specs]), batch)
 
 
 def identity_probe(image_encoder: CLIPVisionModel, training: int = 3000, per_concept: int = 40) -> dict:

@@ -10,6 +10,7 @@ each cheaper to check than the last is to train:
 | 1 drawable | Textual Inversion, one word, the UNet's own k/v: fidelity | >= 0.80 |
 | 1 not sayable in one word | the class word: fidelity | <= 0.50 |
 | 2 readable | a linear probe on the mapper's view, fitted on training identities: each attribute | >= 0.95 |
+| 3 mappable | a ridge map from the mapper's view to a compound word, fitted on training identities, decoded at S: fidelity | >= 0.80 |
 | judge | the toy judge on renders of the concepts, each identity attribute | >= 0.98 |
 | prompts | plain prompt adherence (mean; position alone) | >= 0.85; >= 0.85 |
 
@@ -20,6 +21,7 @@ each is met, the command, seconds); gate 1 also writes one results file per meth
 
     python -m elite_tutorial.toyworld.gates drawable
     python -m elite_tutorial.toyworld.gates readable [--encoder FOLDER]
+    python -m elite_tutorial.toyworld.gates mappable --components FOLDER [--encoder FOLDER] [--twins]   # mappable.py
     python -m elite_tutorial.toyworld.gates judge
     python -m elite_tutorial.toyworld.gates prompts
     python -m elite_tutorial.toyworld.gates out-of-span   # not a gate: the lesson on what no word draws
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -38,13 +41,14 @@ from tqdm.auto import tqdm
 
 from ..baselines import TI_PROFILES, textual_inversion
 from ..components import ASSETS_DIR, load_components
-from ..evaluation import (JUDGE_FOLDER, class_word_generator, described_generator, score,
+from ..evaluation import (JUDGE_FOLDER, class_word_generator, compound_generator, described_generator, score,
                           textual_inversion_generator)
 from ..pipeline import TOY_DEFAULTS
 from ..storage import write_json_atomic
 from .concepts import CONCEPTS, IDENTITY, OUT_OF_SPAN, concept_views
 from .encoder import identity_probe, load_encoder, probe_specs
 from .judge import ToyJudge, accuracy
+from .mappable import mapped_concept_words, training_twins
 from .render import exact_scene
 
 RESULTS = Path("results")
@@ -56,6 +60,7 @@ TARGETS = {
     "drawable": [("said in words: fidelity", "min", 0.85), ("said in words: editability", "min", 0.75),
                  ("Textual Inversion: fidelity", "min", 0.80), ("class word: fidelity", "max", 0.50)],
     "readable": [(f"{attribute}: held-out identities", "min", 0.95) for attribute in IDENTITY],
+    "mappable": [("fitted map: fidelity", "min", 0.80)],
     "judge": [(f"{attribute}: concept renders", "min", 0.98) for attribute in IDENTITY],
     "prompts": [("adherence: mean", "min", 0.85), ("adherence: position", "min", 0.85)],
 }
@@ -68,20 +73,24 @@ def verdicts(gate: str, figures: dict[str, float]) -> dict[str, dict]:
             for key, kind, target in TARGETS[gate]}
 
 
-def record_gate(results: Path, gate: str, figures: dict[str, float], details: dict, command: str, seconds: float) -> dict:
-    """Write `gate`'s entry of `results/toy_gates.json` (other gates' entries are kept) and return it."""
+def record_gate(results: Path, gate: str, figures: dict[str, float], details: dict, command: str, seconds: float,
+                entry: str | None = None) -> dict:
+    """Write `gate`'s entry of `results/toy_gates.json` (other entries are kept; `entry` names it, default
+    the gate's name) and return it."""
     path = results / GATES_FILE
     gates = json.loads(path.read_text()) if path.exists() else {}
     checks = verdicts(gate, figures)
-    gates[gate] = {"passed": all(check["met"] for check in checks.values()), "targets": checks,
+    entry = entry or gate
+    gates[entry] = {"passed": all(check["met"] for check in checks.values()), "targets": checks,
                    "details": details, "command": command, "seconds": round(seconds, 1)}
     write_json_atomic(path, gates)
-    return gates[gate]
+    return gates[entry]
 
 
 def method_file(results: Path, method: str) -> Path:
-    """Where `method`'s results file lives: `results/methods/<method>.json`."""
-    return results / "methods" / f"{method.lower().replace(' ', '_')}.json"
+    """Where `method`'s results file lives: `results/methods/<method>.json` ("Textual Inversion" ->
+    textual_inversion.json, "fitted map (training identities)" -> fitted_map_training_identities.json)."""
+    return results / "methods" / f"{re.sub(r'[^a-z0-9]+', '_', method.lower()).strip('_')}.json"
 
 
 def record_method(results: Path, method: str, scores: dict, command: str, **settings) -> Path:
@@ -157,14 +166,42 @@ def out_of_span(results: Path, command: str, samples: int = 8, seed: int = 0, ti
     return _score_methods(results, command, methods, judge, samples, seed)
 
 
+def _encoder_and_record(encoder_folder: Path | None) -> tuple[Path, dict | None]:
+    """An image encoder's folder (default: the toy preset's) and the record `encoder.py` writes beside a
+    retrained one (its command and recipe), if there is one."""
+    folder = Path(encoder_folder or ASSETS_DIR / "toy-sd" / "image_encoder")
+    made_by = folder / "record.json"
+    return folder, json.loads(made_by.read_text()) if made_by.is_file() else None
+
+
 def gate_readable(encoder_folder: Path | None) -> tuple[dict, dict]:
     """Gate 2 (`encoder.identity_probe`) on an image encoder (default: the toy preset's)."""
-    folder = Path(encoder_folder or ASSETS_DIR / "toy-sd" / "image_encoder")
+    folder, record = _encoder_and_record(encoder_folder)
     probe = identity_probe(load_encoder(folder))
     figures = {f"{a}: held-out identities": probe["attributes"][a]["held_out_identities"] for a in IDENTITY}
-    made_by = folder / "record.json"  # what `encoder.py` writes beside a retrained encoder: its command and recipe
-    record = json.loads(made_by.read_text()) if made_by.is_file() else None
     return figures, {"encoder": str(folder), "encoder_record": record, **probe}
+
+
+def gate_mappable(results: Path, command: str, components_folder: str, encoder_folder: Path | None,
+                  samples: int = 8, seed: int = 0, training: int = 6000, twins: bool = False) -> tuple[dict, dict]:
+    """Gate 3 (`mappable.py`): the concepts' words mapped from their first views, read at S by
+    `components`' text encoder (one taught compound words), scored into `results/methods/fitted_map.json`;
+    beside them the concepts' own compound words (what a perfect map would write). With `twins`, the
+    same on the concepts' training twins (`mappable.training_twins`), into "... (training identities)"."""
+    components = load_components(components_folder, device="cpu", dtype=torch.float32)
+    judge = ToyJudge.from_pretrained(JUDGE_FOLDER).eval()
+    folder, record = _encoder_and_record(encoder_folder)
+    concepts, suffix = (training_twins(), " (training identities)") if twins else (CONCEPTS, "")
+    words, fit = mapped_concept_words(components, load_encoder(folder), training, concepts)
+    kept = {"components": str(components_folder), "encoder": str(folder)}
+    methods = {
+        f"fitted map{suffix}": (textual_inversion_generator(components, words, samples, seed, TOY_DEFAULTS),
+                                {**kept, "fit": fit}, concepts),
+        f"compound word{suffix}": (compound_generator(components, judge, concepts, samples, seed), kept, concepts),
+    }
+    scored = _score_methods(results, command, methods, judge, samples, seed)
+    figures = {"fitted map: fidelity": scored["methods"][f"fitted map{suffix}"]["fidelity"]}
+    return figures, {**scored, **kept, "encoder_record": record, "fit": fit}
 
 
 def gate_judge() -> tuple[dict, dict]:
@@ -177,17 +214,18 @@ def gate_judge() -> tuple[dict, dict]:
     return figures, {"renders": len(held_out), "accuracy": {k: round(v, 4) for k, v in scores.items()}}
 
 
-def gate_prompts(count: int) -> tuple[dict, dict]:
-    """Plain prompt adherence of the shipped components (`report.prompt_adherence`)."""
+def gate_prompts(count: int, components_folder: str = "toy") -> tuple[dict, dict]:
+    """Plain prompt adherence (`report.prompt_adherence`) of the shipped components, or of another
+    components folder (one whose text encoder was taught compound words must keep it)."""
     from .report import prompt_adherence  # noqa: PLC0415
 
-    components = load_components("toy", device="cpu", dtype=torch.float32)
+    components = load_components(components_folder, device="cpu", dtype=torch.float32)
     judge = ToyJudge.from_pretrained(JUDGE_FOLDER).eval()
     adherence = prompt_adherence(components, judge, count=count)
     adherence.pop("examples")
     figures = {"adherence: mean": adherence["mean_over_prompted_attributes"],
                "adherence: position": adherence["per_attribute"]["position"]}
-    return figures, adherence
+    return figures, {"components": components_folder, **adherence}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -195,8 +233,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("gate", choices=[*sorted(TARGETS), "out-of-span"],
                         help="a gate, or out-of-span: the lesson's figures (Textual Inversion on what the model never learned)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the results files")
-    parser.add_argument("--encoder", type=Path, default=None, help="readable: an image encoder folder, or an encoder training checkpoint file")
-    parser.add_argument("--samples", type=int, default=8, help="drawable: images per concept and prompt")
+    parser.add_argument("--encoder", type=Path, default=None,
+                        help="readable, mappable: an image encoder folder, or an encoder training checkpoint file")
+    parser.add_argument("--components", default=None,
+                        help="mappable (required), prompts: a components folder; for mappable one whose text encoder "
+                             "reads compound words (compounds.py teach)")
+    parser.add_argument("--training", type=int, default=6000, help="mappable: scenes the map is fitted on")
+    parser.add_argument("--twins", action="store_true",
+                        help="mappable: score the concepts' training twins instead (not the gate: its comparison)")
+    parser.add_argument("--samples", type=int, default=8, help="drawable, mappable: images per concept and prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ti-profile", choices=sorted(TI_PROFILES), default="toy")
     parser.add_argument("--prompts", type=int, default=500, help="prompts: how many held-out prompts")
@@ -219,11 +264,21 @@ def main(argv: list[str] | None = None) -> None:
         figures, details = measured
     elif args.gate == "readable":
         figures, details = gate_readable(args.encoder)
+    elif args.gate == "mappable":
+        if args.components is None:
+            parser.error("mappable needs --components: a folder from `python -m elite_tutorial.toyworld.compounds teach`")
+        figures, details = gate_mappable(args.results, command, args.components, args.encoder, args.samples,
+                                         args.seed, args.training, args.twins)
+        if args.twins:  # the comparison, not the gate: its figures are in the two method files
+            print(json.dumps(details["methods"], indent=1))
+            return
     elif args.gate == "judge":
         figures, details = gate_judge()
     else:
-        figures, details = gate_prompts(args.prompts)
-    entry = record_gate(args.results, args.gate, figures, details, command, time.perf_counter() - started)
+        figures, details = gate_prompts(args.prompts, args.components or "toy")
+    # the prompts gate is the shipped components'; another folder's adherence is kept beside it
+    name = f"prompts: {args.components}" if args.gate == "prompts" and args.components else args.gate
+    entry = record_gate(args.results, args.gate, figures, details, command, time.perf_counter() - started, name)
     print(json.dumps({args.gate: {"passed": entry["passed"], **entry["targets"]}}, indent=1))
 
 

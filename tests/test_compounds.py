@@ -112,3 +112,41 @@ def test_fused_captions_never_show_a_personal_concept(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "train_loop", draw_batches)
     C.train_compounds(pool, load_components("toy", device="cpu"), C.CompoundRecipe(batch=4, keep_batch=4), tmp_path, "cpu")
     assert len(shown) == 200 and min(shown) >= len(CONCEPTS)
+
+
+def test_fused_words_are_read_with_noise_of_at_most_the_recipe_scale():
+    """Each row of a batch gets its own noise scale in [0, noise]; no noise leaves the exact sums."""
+    compounds = torch.zeros(256, 1, 128)
+    assert C.jitter_compounds(compounds, 0.0, torch.Generator().manual_seed(0)) is compounds
+    jittered = C.jitter_compounds(compounds, 0.012, torch.Generator().manual_seed(0))
+    per_row = jittered.std(dim=(1, 2))
+    assert per_row.max() < 0.012 * 1.2 and per_row.min() < 0.003 and per_row.max() > 0.009
+    again = C.jitter_compounds(compounds, 0.012, torch.Generator().manual_seed(0))
+    assert torch.equal(jittered, again)  # the step's generator decides it: exact resume
+
+
+def test_the_teaching_step_reads_the_jittered_words(monkeypatch, tmp_path):
+    """What the student reads at S is the compound plus the recipe's noise, not the exact sum."""
+    toy = load_components("toy", device="cpu")
+    pool = P.ScenePool(0, 32, two_object_probability=0.0, processes=1)
+    read = []
+    encode = C.encode_prompts_with_words
+
+    def spy(prompts, words, *args, **kwargs):
+        read.append(words.detach().clone())
+        return encode(prompts, words, *args, **kwargs)
+
+    def one_step(name, model, make_batch, loss_fn, *args, **kwargs):
+        batch = make_batch(np.random.default_rng(0))
+        exact.append(C.compound_embeddings(toy, batch["compounds"])[:, None])
+        loss_fn(batch, torch.Generator().manual_seed(0))
+        return [{}]
+
+    exact = []
+    monkeypatch.setattr(C, "encode_prompts_with_words", spy)
+    monkeypatch.setattr(C, "train_loop", one_step)
+    for noise in (0.0, 0.012):
+        read.clear(), exact.clear()
+        C.train_compounds(pool, toy, C.CompoundRecipe(batch=4, keep_batch=4, compound_noise=noise), tmp_path, "cpu")
+        difference = (read[0] - exact[0]).abs().max().item()
+        assert (difference == 0) if noise == 0 else (0 < difference < 0.1)

@@ -9,7 +9,9 @@ from elite_tutorial.components import load_components
 from elite_tutorial.evaluation import bootstrap_interval
 from elite_tutorial.toyworld.concepts import CONCEPTS, HELD_OUT_IDENTITIES
 from elite_tutorial.toyworld.gates import TARGETS, main, method_file, record_gate, record_method, verdicts
-from elite_tutorial.toyworld.mappable import fit_word_map, mapped_concept_words, training_twins
+from elite_tutorial.toyworld.compounds import compound_embeddings
+from elite_tutorial.toyworld.mappable import (every_identity, fit_word_map, mapped_concept_words, nearest_identities,
+                                               training_twins)
 
 
 def test_bootstrap_intervals_on_known_cases():
@@ -64,6 +66,19 @@ def test_a_fitted_map_writes_unseen_concepts_words_closer_than_a_constant_word()
     assert report["validation_mse"][str(report["alpha"])] < report["target_variance"]
     # the shipped encoder reads colour and pattern, so even on unseen identities the map beats the targets' mean
     assert report["concept_mse"] < report["target_variance"]
+    assert len(report["distance_to_own"]) == len(report["own_to_nearest_other"]) == 2
+    assert report["nearest_is_own_identity"] in (0.0, 0.5, 1.0)
+
+
+def test_a_word_near_a_compound_is_read_as_its_identity_and_a_compound_as_its_nearest_other():
+    toy = load_components("toy", device="cpu")
+    assert len(every_identity()) == len(set(every_identity())) == 8 * 4 * 5
+    exact = compound_embeddings(toy, ["red dotted heart", "blue star"])
+    near = exact + 1e-3 * torch.randn(exact.shape, generator=torch.Generator().manual_seed(0))
+    assert nearest_identities(toy, near)[0] == ["red dotted heart", "blue star"]
+    others, distances = nearest_identities(toy, exact)  # its exact match left out: the nearest other identity
+    assert "red dotted heart" not in others[0] and (distances > 0).all()
+    assert torch.allclose(distances[1], (exact[1] - compound_embeddings(toy, [others[1]])[0]).norm().double())
 
 
 def test_the_mappable_gate_asks_for_the_taught_components():

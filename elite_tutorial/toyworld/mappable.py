@@ -15,6 +15,7 @@ loss will.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -25,7 +26,7 @@ from ..components import Components
 from .compounds import compound_embeddings
 from .concepts import CONCEPTS, HELD_OUT_IDENTITIES, PersonalConcept, concept_views
 from .encoder import PROBE_SEED, box_view, mapper_features, probe_specs, view_features
-from .render import PATTERNS, described
+from .render import COLOURS, PATTERNS, SHAPES, described
 
 MAP_SEED = PROBE_SEED + 10_000  # the map's training scenes: not the probe's, and no pretraining pool's
 ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
@@ -92,12 +93,29 @@ def fit_word_map(features: torch.Tensor, targets: torch.Tensor, alphas=ALPHAS, v
     return fit_ridge(features, targets, best), report
 
 
+def every_identity() -> list[str]:
+    """Every identity of the toy world said in words, colour x pattern x shape ('red dotted heart')."""
+    return [described({"colour": colour, "pattern": pattern, "shape": shape})
+            for colour, pattern, shape in itertools.product(COLOURS, PATTERNS, SHAPES)]
+
+
+def nearest_identities(components: Components, words: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """For each word (n, width), the identity whose compound word is nearest and the distance to it
+    (n,), leaving out a word's exact match (distance 0): for a compound word, the nearest other identity."""
+    phrases = every_identity()
+    distances = torch.cdist(words.double(), compound_embeddings(components, phrases).cpu().double())
+    nearest = distances.masked_fill(distances < 1e-9, float("inf")).min(dim=1)
+    return [phrases[i] for i in nearest.indices.tolist()], nearest.values
+
+
 def mapped_concept_words(components: Components, image_encoder: CLIPVisionModel, training: int = 6000,
                          concepts=CONCEPTS) -> tuple[torch.Tensor, dict]:
     """Each concept's word (concepts, width), mapped from its first view by a `WordMap` fitted on the
     box views of `training` random single-object scenes of training identities (their compound words
-    in `components`' vocabulary); with the fit's report and how far each mapped word is from the
-    concept's own compound word (mean squared error per dimension)."""
+    in `components`' vocabulary); with the fit's report, how far the mapped words are from the
+    concepts' own compound words (mean squared error per dimension; each distance, beside the distance
+    from the own compound word to the nearest other identity's) and the share of them whose nearest
+    compound word is their own identity's."""
     scenes, _ = probe_specs(training=training, per_concept=0, seed=MAP_SEED)
     targets = compound_embeddings(components, [described(asdict(spec.objects[0])) for spec in scenes]).cpu()
     word_map, report = fit_word_map(mapper_features(image_encoder, scenes), targets)
@@ -105,5 +123,9 @@ def mapped_concept_words(components: Components, image_encoder: CLIPVisionModel,
     words = word_map(view_features(image_encoder, views))
     own = compound_embeddings(components, [concept.description for concept in concepts]).cpu().double()
     report["concept_mse"] = _figure(((words - own) ** 2).mean())
+    named, _ = nearest_identities(components, words)
+    report["nearest_is_own_identity"] = sum(name == concept.description for name, concept in zip(named, concepts)) / len(concepts)
+    report["distance_to_own"] = [_figure(distance) for distance in (words - own).norm(dim=1)]
+    report["own_to_nearest_other"] = [_figure(distance) for distance in nearest_identities(components, own)[1]]
     report["scenes_fitted"] = training
     return words.float(), report

@@ -61,6 +61,19 @@ def test_teaching_trains_the_encoder_layers_only_and_writes_a_loadable_folder(tm
             assert not torch.equal(parameter, before[name]), name
     with pytest.raises(FileExistsError):
         C.teach_compound_words(ASSETS_DIR / "toy-sd", tmp_path / "taught", recipe, "cpu")
+    unet = dict(load_components(tmp_path / "taught", device="cpu").unet.named_parameters())
+    shipped = dict(load_components("toy", device="cpu").unet.named_parameters())
+    assert all(torch.equal(parameter, shipped[name]) for name, parameter in unet.items())  # the UNet is the components'
+
+
+def test_with_unet_kv_the_cross_attention_keys_and_values_learn_and_nothing_else_of_the_unet(tmp_path):
+    recipe = replace(C.CompoundRecipe(), pool_size=32, steps=3, batch=2, keep_batch=4, warmup_steps=1, unet_kv=True)
+    C.teach_compound_words(ASSETS_DIR / "toy-sd", tmp_path / "taught", recipe, "cpu")
+    shipped = dict(load_components("toy", device="cpu").unet.named_parameters())
+    taught = dict(load_components(tmp_path / "taught", device="cpu").unet.named_parameters())
+    learned = {name for name, parameter in taught.items() if not torch.equal(parameter, shipped[name])}
+    assert learned and all(".attn2.to_k." in name or ".attn2.to_v." in name for name in learned)
+    assert len(learned) == sum(".attn2.to_k." in name or ".attn2.to_v." in name for name in shipped)
 
 
 def test_the_student_starts_as_the_teacher_and_learns_the_compounds(tmp_path, monkeypatch):
@@ -83,7 +96,7 @@ def test_the_student_starts_as_the_teacher_and_learns_the_compounds(tmp_path, mo
         return history
 
     monkeypatch.setattr(C, "train_loop", capture)
-    _, history = C.train_compounds(pool, toy, recipe, tmp_path, "cpu")
+    _, _, history = C.train_compounds(pool, toy, recipe, tmp_path, "cpu")
     assert history[0]["loss_keep"] == 0
     assert history[-1]["loss_compound"] < 0.5 * history[0]["loss_compound"]
 

@@ -17,6 +17,8 @@ outputs (the mean squared difference from the frozen encoder's hidden states). T
 embeddings stay frozen: the vocabulary that mappers and Textual Inversion write into is unchanged.
 Each fused word is read with a little Gaussian noise (`jitter_compounds`): a mapped word lands near
 its compound, not on it, and a reader taught only the exact sums reads such words worse (gate 3).
+With `unet_kv`, the UNet's cross-attention keys and values learn beside the text encoder, as ELITE's
+k/v copies do; the frozen UNet stays the teacher.
 
 `fit_mapper_to_compounds` asks what ELITE's mapper could carry if it were told the answer: w0 of a
 `GlobalMapper` (the object-alone view) fitted by regression onto each object's compound embedding.
@@ -73,6 +75,9 @@ class CompoundRecipe:
     # each fused word's noise: a standard deviation per dimension drawn from [0, compound_noise]. Gate 3's
     # mapped words lie 0.02-0.12 (norm) from their compounds, identities at least 0.24 apart
     compound_noise: float = 0.012
+    # also teach the UNet's cross-attention keys and values (the layers ELITE trains copies of): does a
+    # UNet that learns to read one token draw more from it than the frozen one?
+    unet_kv: bool = False
     warmup_steps: int = 100
     checkpoint_every: int = 250
 
@@ -109,12 +114,21 @@ def jitter_compounds(compounds: torch.Tensor, noise: float, generator: torch.Gen
 
 
 def train_compounds(pool: ScenePool, components: Components, recipe: CompoundRecipe, work: Path, device):
-    """The text encoder taught compound words (see the module doc), and its loss history."""
+    """The text encoder taught compound words (see the module doc), the UNet that reads them (the
+    components' own, or with `recipe.unet_kv` a copy whose cross-attention keys and values learned too),
+    and the loss history."""
     c, device = components, torch.device(device)
     teacher = c.text_encoder.to(device).requires_grad_(False).eval()
     unet = c.unet.to(device).requires_grad_(False)
     student = copy.deepcopy(teacher).requires_grad_(True)
     student.embeddings.requires_grad_(False)  # token and position embeddings: the vocabulary stays as it was
+    reader, learner = unet, student  # the UNet that reads the fused captions; what the optimiser trains
+    if recipe.unet_kv:
+        reader = copy.deepcopy(unet)
+        for name, module in reader.named_modules():
+            if name.endswith(("attn2.to_k", "attn2.to_v")):
+                module.requires_grad_(True)
+        learner = torch.nn.ModuleDict({"text_encoder": student, "unet": reader})
     noise_scheduler = DDPMScheduler.from_config(c.scheduler.config)
     latent_mean, latent_std = _encode_pool(c.vae.to(device), pool, device)
     scale = c.vae.config.scaling_factor
@@ -146,18 +160,19 @@ def train_compounds(pool: ScenePool, components: Components, recipe: CompoundRec
         compounds = jitter_compounds(compounds, recipe.compound_noise, generator)
         with _autocast(device):
             context = encode_prompts_with_words(batch["fused_prompts"], compounds, c.tokenizer, student)
-            predicted = unet(noisy, timesteps, encoder_hidden_states=context).sample
+            predicted = reader(noisy, timesteps, encoder_hidden_states=context).sample
             keep = student(batch["keep_ids"]).last_hidden_state
         return {"loss_compound": F.mse_loss(predicted.float(), wanted.float()),
                 "loss_keep": recipe.keep_weight * F.mse_loss(keep.float(), kept.float())}
 
-    history = train_loop("compounds", student, make_batch, loss_fn, recipe.steps, recipe.lr, recipe, work, device)
-    return student.requires_grad_(False), history
+    history = train_loop("compounds", learner, make_batch, loss_fn, recipe.steps, recipe.lr, recipe, work, device)
+    return student.requires_grad_(False), reader.requires_grad_(False), history
 
 
 def teach_compound_words(components_folder: Path, out: Path, recipe: CompoundRecipe = CompoundRecipe(),
                          device: str | None = None, command: str = "") -> dict:
-    """Write `out`: the components folder with its text encoder taught compound words, and the stage's
+    """Write `out`: the components folder with its text encoder (and with `recipe.unet_kv` its UNet)
+    taught compound words, and the stage's
     record in its `pretrain_log.json`. Resumable through `<out>.work/`; `out` appears only when done."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     components_folder, out = Path(components_folder), Path(out)
@@ -168,13 +183,16 @@ def teach_compound_words(components_folder: Path, out: Path, recipe: CompoundRec
     started = time.perf_counter()
     components = load_components(components_folder, device=device, dtype=torch.float32)
     pool = ScenePool(recipe.seed * 1_000_000, recipe.pool_size, cache=work / "pool.npy")
-    student, history = train_compounds(pool, components, recipe, work, device)
+    student, unet, history = train_compounds(pool, components, recipe, work, device)
     record = {"recipe": asdict(recipe), "seconds": round(time.perf_counter() - started, 1), "device": str(device),
               "loss_last": history[-1], "command": command}
     with atomic_directory(out, overwrite=False) as staging:
         shutil.copytree(components_folder, staging, dirs_exist_ok=True)
         shutil.rmtree(staging / "text_encoder")
         student.to(torch.float16).save_pretrained(staging / "text_encoder")
+        if recipe.unet_kv:
+            shutil.rmtree(staging / "unet")
+            unet.to(torch.float16).save_pretrained(staging / "unet")
         log_file = staging / "pretrain_log.json"
         log = json.loads(log_file.read_text()) if log_file.exists() else {}
         log["compound_words"] = record
@@ -245,13 +263,15 @@ def main(argv: list[str] | None = None) -> None:
     teach.add_argument("--steps", type=int, default=CompoundRecipe.steps)
     teach.add_argument("--compound-noise", type=float, default=CompoundRecipe.compound_noise,
                        help="the largest standard deviation of the noise on fused words (0: the exact sums)")
+    teach.add_argument("--unet-kv", action="store_true", help="also teach the UNet's cross-attention keys and values")
     teach.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     fit.add_argument("--count", type=int, default=6000, help="training scenes")
     fit.add_argument("--epochs", type=int, default=30)
     args = parser.parse_args(argv)
     command = " ".join(["python -m elite_tutorial.toyworld.compounds", *(sys.argv[1:] if argv is None else argv)])
     if args.command == "teach":
-        recipe = CompoundRecipe(seed=args.seed, steps=args.steps, compound_noise=args.compound_noise)
+        recipe = CompoundRecipe(seed=args.seed, steps=args.steps, compound_noise=args.compound_noise,
+                                unet_kv=args.unet_kv)
         record = teach_compound_words(args.components, args.out, recipe, args.device, command)
         print(json.dumps(record, indent=1))
         return

@@ -172,8 +172,8 @@ def train_compounds(pool: ScenePool, components: Components, recipe: CompoundRec
 def teach_compound_words(components_folder: Path, out: Path, recipe: CompoundRecipe = CompoundRecipe(),
                          device: str | None = None, command: str = "") -> dict:
     """Write `out`: the components folder with its text encoder (and with `recipe.unet_kv` its UNet)
-    taught compound words, and the stage's
-    record in its `pretrain_log.json`. Resumable through `<out>.work/`; `out` appears only when done."""
+    taught compound words, and the stage's record in its `pretrain_log.json`. Resumable through
+    `<out>.work/`; `out` appears only when done."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     components_folder, out = Path(components_folder), Path(out)
     if out.exists():

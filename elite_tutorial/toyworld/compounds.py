@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from ..components import Components, load_components
 from ..data import clip_pixels, object_crop
-from ..mappers import GlobalMapper, clip_feature_levels
+from ..mappers import GlobalMapper, clip_feature_levels, cross_attention_modules
 from ..storage import atomic_directory
 from ..words import DEFAULT_PLACEHOLDER, encode_prompts_with_words
 from .concepts import is_held_out
@@ -125,9 +125,9 @@ def train_compounds(pool: ScenePool, components: Components, recipe: CompoundRec
     reader, learner = unet, student  # the UNet that reads the fused captions; what the optimiser trains
     if recipe.unet_kv:
         reader = copy.deepcopy(unet)
-        for name, module in reader.named_modules():
-            if name.endswith(("attn2.to_k", "attn2.to_v")):
-                module.requires_grad_(True)
+        for attention in cross_attention_modules(reader).values():
+            attention.to_k.requires_grad_(True)
+            attention.to_v.requires_grad_(True)
         learner = torch.nn.ModuleDict({"text_encoder": student, "unet": reader})
     noise_scheduler = DDPMScheduler.from_config(c.scheduler.config)
     latent_mean, latent_std = _encode_pool(c.vae.to(device), pool, device)

@@ -14,17 +14,17 @@ stage 2 (`data.OpenImagesMaskSource`).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 import torch
 
+from .arguments import finite_number, whole_number
 from .components import load_components
 from .data import (GLOBAL_VIEWS, TOY_CONTEXT_PROBABILITY, TOY_TARGETS, FixedObjectsSource, OpenImagesMaskSource,
                    OpenImagesSource, ToyWorldSource)
 from .mappers import NUM_LEVELS, GlobalMapper
-from .training import LOCAL_PROFILES, LR_SCHEDULES, PROFILES, recipe_with, train_global, train_local
+from .training import LOCAL_PROFILES, LR_SCHEDULES, PROFILES, check_run_folder, recipe_with, train_global, train_local
 
 
 def _source(data: str, components, stage: str, context_probability: float = TOY_CONTEXT_PROBABILITY,
@@ -48,39 +48,12 @@ def _source(data: str, components, stage: str, context_probability: float = TOY_
     return OpenImagesSource(Path(data), resolution=resolution, clip_size=clip_size)
 
 
-def whole_number(minimum: int, why: str = ""):
-    """An argparse type: a whole number at least `minimum` (`why`, if given, is added to the error)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}{why}")
-        return value
-    return parse
-
-
-def finite_number(minimum: float = 0.0, above: bool = False, maximum: float = math.inf):
-    """An argparse type: a finite number >= `minimum` (> with `above`) and <= `maximum`."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        low_ok = value > minimum if above else value >= minimum
-        if not (math.isfinite(value) and low_ok and value <= maximum):
-            bound = f"{'above' if above else 'at least'} {minimum:g}" + (f" and at most {maximum:g}" if maximum < math.inf else "")
-            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, not {text}")
-        return value
-    return parse
-
-
-def _check_out(parser: argparse.ArgumentParser, out: Path) -> None:
-    """--out must be a folder, or not exist yet (checked now, not at the first checkpoint)."""
-    existing = next((p for p in (out, *out.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        parser.error(f"--out {out}: {existing} is a file; give a folder (a new one, or the run's own to --resume).")
+def _check_out(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--out must be this stage's run folder or a new one (checked now, not after the components load)."""
+    try:
+        check_run_folder(args.out, args.stage, resume=args.resume == "latest")
+    except OSError as error:
+        parser.error(str(error))
 
 
 def _common_options(stage: argparse.ArgumentParser, profiles) -> None:
@@ -127,10 +100,12 @@ def main(argv: list[str] | None = None) -> None:
     stage.add_argument("--key-value-anchor", type=finite_number(),
                        help="weight of a loss that keeps the k/v copies near the UNet's own (e.g. 0.1; default 0)")
     stage.add_argument("--toy-global-view", choices=GLOBAL_VIEWS, default="image",
-                       help="toy data: what the image encoder sees, the whole scene or the object alone (cut out by its mask)")
+                       help="toy data: what the image encoder sees, the whole scene, the object alone (cut out by its "
+                            "mask) or the padded box around it (the authors' view)")
     stage.add_argument("--toy-global-target", choices=TOY_TARGETS, default="scene",
-                       help="toy data: the UNet's target, the scene as drawn or its object redrawn large at the centre "
-                            "(as the authors' box crops fill the image with the object)")
+                       help="toy data: the UNet's target, the scene as drawn, its object redrawn large at the centre, "
+                            "the box around the object (the authors' recipe: the encoder's view is the target), or "
+                            "another render of the same object (its context said with --toy-context-probability)")
     stage.add_argument("--toy-fixed-objects", type=whole_number(1),
                        help="toy data: train on the first N of the even half of the sayable objects (`--sayable-objects "
                             "even` of the evaluation; by default the ten Textual Inversion is scored on), each in its one "
@@ -146,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     stage.add_argument("--global-mapper", required=True, type=Path, help="the trained global mapper's folder (frozen)")
     stage.add_argument("--reg-weight", type=finite_number(), help="weight of mean |local values|")
     args = parser.parse_args(argv)
-    _check_out(parser, args.out)
+    _check_out(parser, args)
 
     overrides = dict(steps=args.steps, batch_size=args.batch_size, gradient_accumulation=args.gradient_accumulation,
                      learning_rate=args.learning_rate, reg_weight=args.reg_weight, seed=args.seed,

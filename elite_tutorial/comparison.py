@@ -17,7 +17,6 @@ Everything but the timings is a function of `--seed`: a rerun prints the same ta
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .arguments import whole_number, writable_file
 from .baselines import TI_PROFILES, textual_inversion
 from .components import ASSETS_DIR, load_components
 from .evaluation import (JUDGE_FOLDER, class_word_generator, elite_generator, encode_seconds, score,
@@ -32,6 +32,7 @@ from .evaluation import (JUDGE_FOLDER, class_word_generator, elite_generator, en
 from .mappers import GlobalMapper, LocalMapper
 from .metrics import load_metric_models
 from .pipeline import ELITEPipeline
+from .storage import write_json_atomic
 from .toyworld.concepts import CONCEPTS, concept_views
 from .toyworld.judge import ToyJudge
 
@@ -83,12 +84,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="The paper's main comparison on the toy world.")
     parser.add_argument("--global-mapper", type=Path, default=ASSETS_DIR / "toy-global-mapper")
     parser.add_argument("--local-mapper", type=Path, default=ASSETS_DIR / "toy-local-mapper")
-    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--samples", type=whole_number(1), default=4, help="images per concept and prompt")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--concepts", type=int, default=len(CONCEPTS), help="the first N personal concepts")
+    parser.add_argument("--concepts", type=whole_number(1), default=len(CONCEPTS), help="the first N personal concepts")
     parser.add_argument("--ti-profile", default="toy", choices=sorted(TI_PROFILES))
-    parser.add_argument("--out", type=Path, help="also write the results here (JSON)")
+    parser.add_argument("--out", type=writable_file, help="also write the results here (JSON)")
     args = parser.parse_args(argv)
+    if args.concepts > len(CONCEPTS):
+        parser.error(f"argument --concepts: there are {len(CONCEPTS)} personal concepts, not {args.concepts}")
     components = load_components("toy", device="cpu", dtype=torch.float32)
     results = compare(components, GlobalMapper.from_pretrained(args.global_mapper), LocalMapper.from_pretrained(args.local_mapper),
                       CONCEPTS[:args.concepts], args.samples, args.seed, args.ti_profile)
@@ -96,10 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table(results))
     print(f"Textual Inversion / ELITE encoding time: {results['speedup_textual_inversion_over_elite']} x")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        partial = args.out.with_name(args.out.name + ".partial")
-        partial.write_text(json.dumps(results, indent=1))
-        partial.replace(args.out)
+        write_json_atomic(args.out, results)
 
 
 if __name__ == "__main__":

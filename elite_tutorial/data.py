@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import csv
 import os
+import re
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -40,10 +42,16 @@ IMAGENET_TEMPLATES = (
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
-# What a global mapper reads of a concept image: the whole image (the authors'), or the object alone.
-GLOBAL_VIEWS = ("image", "object")
-# What the UNet learns to draw from the words in toy stage-1 training: the scene, or its `close_up`.
-TOY_TARGETS = ("scene", "close-up")
+# What a global mapper reads of a concept image: the whole image (the authors' code, whose training
+# images are already boxes around an object), the object alone (`object_crop`), or the padded box
+# around it (`box_crop`: the authors' training view, cut from a larger image by its mask).
+GLOBAL_VIEWS = ("image", "object", "box")
+# What the UNet learns to draw from the words in toy stage-1 training: the scene, its `close_up`, the
+# box view itself (the authors' recipe: target and encoder input are the same crop), or `another_view`
+# of the same identity (so that the words can carry the identity and nothing else).
+TOY_TARGETS = ("scene", "close-up", "box", "other-view")
+# Where a stage-2 batch holds each global view, for the frozen global mapper's words
+LOCAL_BATCH_VIEWS = {"image": "clip_pixels", "object": "object_crop_pixels", "box": "box_crop_pixels"}
 # How often a toy training caption says the object's size, its position and the background (each)
 TOY_CONTEXT_PROBABILITY = 0.5
 
@@ -159,7 +167,24 @@ def load_mask(source: ImageLike, size: tuple[int, int] | None = None) -> np.ndar
     mask = values > values.max() / 2
     if not mask.any():
         raise ValueError("The mask is empty (no white pixels): it must mark the object in white.")
+    _warn_if_unlikely_mask(values, mask, source)
     return mask
+
+
+def _warn_if_unlikely_mask(values: np.ndarray, mask: np.ndarray, source) -> None:
+    """Warn about a mask that is probably wrong: not two-toned (a photo: image and mask swapped), or
+    nearly all white and touching every edge (inverted: white must mark the object, not the background).
+    values: (H, W) uint8 grey levels; mask: (H, W) bool, the object read from them."""
+    name = f"The mask {source}" if isinstance(source, (str, os.PathLike)) else "The mask"
+    top = max(int(values.max()), 1)
+    between = ((values > 0.1 * top) & (values < 0.9 * top)).mean()  # JPEG noise and soft edges stay near the two tones
+    if between > 0.2:
+        warnings.warn(f"{name} is not two-toned ({between:.0%} of its pixels are neither black nor white): it looks "
+                      "like a photo. Are the image and the mask swapped? A mask is white on the object, black elsewhere.",
+                      stacklevel=3)
+    elif mask.mean() > 0.9 and all(edge.any() for edge in (mask[0], mask[-1], mask[:, 0], mask[:, -1])):
+        warnings.warn(f"{name} is {mask.mean():.0%} white and touches every edge: it looks inverted (white must mark "
+                      "the object, black the background). Invert it if the object is the black part.", stacklevel=3)
 
 
 def unit_pixels(image: Image.Image, size: int) -> torch.Tensor:
@@ -173,20 +198,35 @@ def clip_pixels(image: Image.Image, size: int) -> torch.Tensor:
     return clip_normalise(unit_pixels(image, size)[None])[0]
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# A file named like a mask: `N_bg.png` in the authors' layout, or another case, separator or suffix
+# ("N-BG.jpg", "N mask.png", "N_mask.webp"); group 1 is the view it belongs to.
+_MASK_NAME = re.compile(r"(.+?)[ _.\-]?(bg|mask)", re.IGNORECASE)
+
+
 def concept_folder(folder: str | os.PathLike) -> list[tuple[Path, Path | None]]:
     """The views of a concept folder in the authors' layout: `N.jpg|png` with optional mask `N_bg.png`.
 
-    Returns (image path, mask path or None) pairs sorted by name.
+    Returns (image path, mask path or None) pairs sorted by name. A file named like a mask under
+    another case, separator or suffix (`N-BG.jpg`, `N_mask.png`) is read as its view's mask; one whose
+    view is missing is named in a warning. Neither is ever taken as a view.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"No concept folder at {folder}.")
-    images = sorted(p for p in folder.iterdir()
-                    if p.suffix.lower() in (".jpg", ".jpeg", ".png") and not p.stem.endswith("_bg"))
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    mask_like = {p: m[1] for p in files if (m := _MASK_NAME.fullmatch(p.stem))}
+    images = [p for p in files if p not in mask_like]
     if not images:
         raise ValueError(f"{folder} holds no images; a concept folder has `N.jpg` or `N.png` (+ mask `N_bg.png`).")
-    masks = [p.with_name(f"{p.stem}_bg.png") for p in images]
-    return [(p, m if m.is_file() else None) for p, m in zip(images, masks)]
+    masks: dict[str, Path] = {}
+    for path, view in sorted(mask_like.items(), key=lambda item: item[0].name != f"{item[1]}_bg.png"):
+        masks.setdefault(view, path)  # the authors' `N_bg.png` first, where a view has several
+    views = {p.stem for p in images}
+    if orphans := sorted(p.name for p, view in mask_like.items() if view not in views):
+        warnings.warn(f"{folder}: {', '.join(orphans)} look(s) like masks but no view has that name (a mask "
+                      "`N_bg.png` belongs to the image `N.png`); they were left out.", stacklevel=2)
+    return [(p, masks.get(p.stem)) for p in images]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,6 +281,15 @@ def box_crop(image: Image.Image, mask: np.ndarray, margin: float = 0.25) -> Imag
     return image.crop((left, top, left + side, top + side))
 
 
+def global_view_image(image: Image.Image, mask: np.ndarray | None, view: str) -> Image.Image:
+    """What a global mapper that reads `view` (one of GLOBAL_VIEWS) sees of `image`; mask: (H, W) bool."""
+    if view == "image":
+        return image
+    if mask is None:
+        raise ValueError(f"The {view!r} view is cut out by the object's mask; give the mask.")
+    return object_crop(image, mask) if view == "object" else box_crop(image, mask)
+
+
 def _to_unit_range(image: Image.Image, size: int) -> torch.Tensor:
     """The UNet's target image: (3, size, size) in [-1, 1]."""
     pixels = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
@@ -269,8 +318,8 @@ class LocalTrainingSource(Protocol):
     """Where stage-2 samples come from (see `training.local_step_losses` for the batch)."""
 
     def local_batch(self, rng: np.random.Generator, size: int, scale_augmentation: bool = True) -> dict:
-        """`pixel_values`, `valid_mask`, `clip_pixels`, `object_crop_pixels`, `object_pixels`,
-        `object_mask`, `prompts`; targets scale-augmented (`scale_augment`) unless
+        """`pixel_values`, `valid_mask`, `clip_pixels`, `object_crop_pixels`, `box_crop_pixels` (the
+        global mapper's views, `LOCAL_BATCH_VIEWS`), `object_pixels`, `object_mask`, `prompts`; targets scale-augmented (`scale_augment`) unless
         `scale_augmentation` is False."""
 
     def validation_concepts(self) -> list[tuple[Image.Image, np.ndarray]]:
@@ -309,6 +358,21 @@ def toy_training_scenes(rng: np.random.Generator, size: int) -> list:
     return scenes
 
 
+def another_view(scene, rng: np.random.Generator):
+    """The scene's object (its shape, colour and pattern) in another random single-object scene: its
+    own size, place, background (one its colour stands out on) and texture. Two views of one identity,
+    as a personal concept's photos are: what they share is all the words can learn from."""
+    from .toyworld.render import LOW_CONTRAST, exact_scene, random_spec  # noqa: PLC0415 (toy data only)
+
+    obj = scene.spec.objects[0]
+    while True:
+        spec = random_spec(rng, two_object_probability=0.0)
+        if obj.colour not in LOW_CONTRAST.get(spec.background, ()):
+            break
+    other = replace(spec.objects[0], shape=obj.shape, colour=obj.colour, pattern=obj.pattern)
+    return exact_scene(replace(spec, objects=(other,)))
+
+
 def close_up(scene):
     """The scene's object redrawn large at the centre, on the same background: the toy world's
     nearest to the authors' stage-1 images, which are boxes around an object (padded by 10 px), so
@@ -325,9 +389,12 @@ class ToyWorldSource:
     identity); validation shows four of the held-out personal concepts.
 
     `target`: the UNet's stage-1 target, "scene", the whole scene as drawn (the object anywhere,
-    small or large), or "close-up", the object redrawn large at the centre (`close_up`).
-    `global_view`: what the global mapper's encoder sees of that image: "image", all of it, or
-    "object", the object alone (`object_crop`).
+    small or large); "close-up", the object redrawn large at the centre (`close_up`), which the
+    encoder then reads too; "box", the padded box around the object (`box_crop`), captioned "a photo
+    of a S" with no context, as the authors' box crops are; or "other-view", `another_view` of the
+    object, its context said in the caption with `context_probability`.
+    `global_view`: what the global mapper's encoder sees of the scene (`global_view_image`): "image",
+    all of it, "object", the object alone (`object_crop`), or "box", the padded box around it.
     """
 
     def __init__(self, clip_size: int, image_size: int = 64, latent_factor: int = 4,
@@ -344,13 +411,18 @@ class ToyWorldSource:
         scenes = toy_training_scenes(rng, size)
         if self.target == "close-up":
             scenes = [close_up(scene) for scene in scenes]
-        images = [Image.fromarray(s.image) for s in scenes]
-        seen = images if self.global_view == "image" else [object_crop(i, s.masks[0]) for i, s in zip(images, scenes)]
+        seen = [global_view_image(Image.fromarray(s.image), s.masks[0], self.global_view) for s in scenes]
+        drawn = [another_view(s, rng) for s in scenes] if self.target == "other-view" else scenes
+        images, masks = [Image.fromarray(s.image) for s in drawn], [s.masks[0] for s in drawn]
+        if self.target == "box":
+            boxes = [(box_crop(i, m), box_crop(Image.fromarray(m), m)) for i, m in zip(images, masks)]
+            images = [box for box, _ in boxes]
+            masks = [np.asarray(m.resize((self.image_size,) * 2, Image.Resampling.NEAREST)) for _, m in boxes]
+        said = 0.0 if self.target == "box" else self.context_probability
         return {"pixel_values": torch.stack([_to_unit_range(i, self.image_size) for i in images]),
-                "target_object_mask": _object_mask(np.stack([s.masks[0] for s in scenes]), self.image_size),
+                "target_object_mask": _object_mask(np.stack(masks), self.image_size),
                 "clip_pixels": torch.stack([augment_for_clip(i, self.clip_size, rng) for i in seen]),
-                "prompts": [toy_prompt_with_placeholder(s.spec, rng, context_probability=self.context_probability)
-                            for s in scenes]}
+                "prompts": [toy_prompt_with_placeholder(s.spec, rng, context_probability=said) for s in drawn]}
 
     def local_batch(self, rng: np.random.Generator, size: int, scale_augmentation: bool = True) -> dict:
         """A stage-2 batch (see `train_local`): the scene, scale-augmented unless `scale_augmentation` is
@@ -372,6 +444,8 @@ class ToyWorldSource:
                 "clip_pixels": torch.stack([unit_pixels(Image.fromarray(s.image), self.clip_size) for s in scenes]),
                 "object_crop_pixels": torch.stack([unit_pixels(object_crop(Image.fromarray(s.image), s.masks[0]), self.clip_size)
                                                    for s in scenes]),
+                "box_crop_pixels": torch.stack([unit_pixels(box_crop(Image.fromarray(s.image), s.masks[0]), self.clip_size)
+                                                for s in scenes]),
                 "object_pixels": torch.stack(object_pixels), "object_mask": torch.stack(object_masks),
                 "prompts": prompts}
 
@@ -648,6 +722,7 @@ class OpenImagesMaskSource:
         return {"pixel_values": torch.stack(targets), "valid_mask": torch.stack(valid),
                 "clip_pixels": torch.stack([unit_pixels(crop, self.clip_size) for crop, _ in samples]),
                 "object_crop_pixels": torch.stack([unit_pixels(object_crop(crop, mask), self.clip_size) for crop, mask in samples]),
+                "box_crop_pixels": torch.stack([unit_pixels(box_crop(crop, mask), self.clip_size) for crop, mask in samples]),
                 "object_pixels": torch.stack(object_pixels), "object_mask": torch.stack(object_masks),
                 "prompts": prompts}
 

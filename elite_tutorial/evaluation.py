@@ -13,6 +13,7 @@
   concepts, which concepts happen to be chosen moves a mean more than anything else.
 
     python -m elite_tutorial.evaluation --mapper assets/toy-global-mapper
+    python -m elite_tutorial.evaluation --mapper runs/a/mapper --concepts validation   # choosing a recipe
     python -m elite_tutorial.evaluation --local-mapper assets/toy-local-mapper --local-scale 0.8
     python -m elite_tutorial.evaluation --described   # with the reference described in words, plain
                                                       # and through the mapper's k/v copies
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -34,14 +36,16 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .arguments import whole_number, writable_file
 from .attention import elite_attention
 from .baselines import TI_PROFILES, TextualInversionRecipe, textual_inversion
 from .components import ASSETS_DIR, load_components
 from .mappers import GlobalMapper, LocalMapper
 from .metrics import MetricModels, clip_i, clip_t, dino_i, with_class_word
 from .pipeline import TOY_DEFAULTS, ELITEPipeline, SamplingDefaults
+from .storage import write_json_atomic
 from .toyworld.compounds import compound_embeddings
-from .toyworld.concepts import CONCEPTS, Concept, PersonalConcept, concept_views
+from .toyworld.concepts import CONCEPT_SETS, CONCEPTS, Concept, PersonalConcept, concept_views
 from .toyworld.judge import ToyJudge
 from .toyworld.render import COLOURS, PATTERNS, SHAPES, SceneSpec, ToyObject, described, render
 from .words import encode_prompts_with_words
@@ -341,8 +345,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="the toy preset, or a toy components folder (e.g. one taught compound words)")
     parser.add_argument("--local-mapper", type=Path, help="also run ELITE's local branch with this LocalMapper")
     parser.add_argument("--local-scale", type=float, default=0.8, help="λ of the local branch")
-    parser.add_argument("--samples", type=int, default=8, help="images per concept and prompt")
+    parser.add_argument("--concepts", choices=sorted(CONCEPT_SETS), default="test",
+                        help="score the sixteen test concepts, or the sixteen validation ones (held out alike) on "
+                             "which recipes and checkpoints are chosen")
+    parser.add_argument("--samples", type=whole_number(1), default=8, help="images per concept and prompt")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=writable_file, help="also write the report, with this command, to this JSON file")
     parser.add_argument("--device", default="cpu", help="the README's figures are from the CPU (fp32 either way)")
     parser.add_argument("--described", action="store_true",
                         help="also score the reference that writes the judge's reading of each concept in words "
@@ -361,7 +369,9 @@ def main(argv: list[str] | None = None) -> None:
     local_mapper = LocalMapper.from_pretrained(args.local_mapper) if args.local_mapper else None
     pipe = ELITEPipeline(components, GlobalMapper.from_pretrained(args.mapper), local_mapper)
     judge = ToyJudge.from_pretrained(JUDGE_FOLDER).eval()
-    report = fidelity_and_editability(pipe, judge, samples=args.samples, seed=args.seed, local_scale=args.local_scale)
+    report = fidelity_and_editability(pipe, judge, CONCEPT_SETS[args.concepts], samples=args.samples, seed=args.seed,
+                                      local_scale=args.local_scale)
+    report["concept_set"] = args.concepts
     report["encode_ms_cpu"] = encode_milliseconds(pipe)
     report["word_norms"] = word_norms(pipe)
     with torch.no_grad():  # how far training moved the k/v copies from the UNet's own (0: not at all)
@@ -379,6 +389,9 @@ def main(argv: list[str] | None = None) -> None:
         report["sayable_objects"].update(kind=args.sayable_kind, objects=args.sayable_objects)
     if args.sayable_inversion:
         report["sayable_objects_textual_inversion"] = sayable_inversion_fidelity(components, judge, args.samples, args.seed)
+    if args.out:
+        command = " ".join(["python -m elite_tutorial.evaluation", *(sys.argv[1:] if argv is None else argv)])
+        write_json_atomic(args.out, {"command": command, **report})
     print(json.dumps(report, indent=1))
 
 

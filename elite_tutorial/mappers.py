@@ -32,6 +32,9 @@ from transformers import CLIPVisionModel
 from .data import GLOBAL_VIEWS
 from .storage import SafetensorsHubMixin, atomic_directory
 
+# What a saved mapper folder holds: an existing folder with anything else is never replaced by a save.
+MAPPER_FILES = ("config.json", "model.safetensors", "README.md", "log.json")
+
 ELITE_LAYERS_OF_24 = (4, 8, 12, 16)
 NUM_LEVELS = 1 + len(ELITE_LAYERS_OF_24)
 
@@ -111,6 +114,8 @@ class _LevelMapper(nn.Module):
 
     branch: str
     _file_hint = " For the authors' `.pt` checkpoints use from_official."
+    _required_config = {"vision_width": int, "text_width": int, "hidden_width": int, "num_levels": int,
+                        "attention_layers": dict}
 
     def __init__(
         self,
@@ -218,7 +223,7 @@ class _LevelMapper(nn.Module):
         `log` (the training log) is written as log.json in the same step."""
         if kwargs.get("push_to_hub"):
             return super().save_pretrained(save_directory, **kwargs)
-        with atomic_directory(save_directory) as staging:
+        with atomic_directory(save_directory, own=MAPPER_FILES) as staging:
             super().save_pretrained(staging, **kwargs)
             if log is not None:
                 (staging / "log.json").write_text(json.dumps(log))
@@ -271,13 +276,15 @@ class GlobalMapper(_LevelMapper, SafetensorsHubMixin, paper_url="https://arxiv.o
     """
 
     branch = "global"
+    _optional_config = {"input_view": str}  # saves made before it existed read the whole image
 
     def __init__(self, vision_width: int = 1024, text_width: int = 768, hidden_width: int = 1024,
                  num_levels: int = NUM_LEVELS, attention_layers: dict[str, list[int]] | None = None,
                  input_view: str = "image"):
         """`input_view` (saved in the config): what the mapper was trained to read of a concept image,
-        "image" (the whole image, as the authors' mapper) or "object" (`data.object_crop`: the
-        object alone, cut out by its mask); `ELITEPipeline.encode` shows it that view."""
+        "image" (the whole image, as the authors' mapper), "object" (`data.object_crop`: the object
+        alone, cut out by its mask) or "box" (`data.box_crop`: the padded box around the object, the
+        authors' training view); `ELITEPipeline.encode` shows it that view."""
         super().__init__(vision_width, text_width, hidden_width, num_levels, attention_layers)
         if input_view not in GLOBAL_VIEWS:
             raise ValueError(f"input_view must be one of {GLOBAL_VIEWS}, not {input_view!r}.")

@@ -32,9 +32,9 @@ from PIL import Image
 from .attention import LocalTokens, elite_attention
 from .attention_maps import AttentionCapture
 from .components import Components
-from .data import ImageLike, clip_pixels, load_image, load_mask, object_crop
+from .data import ImageLike, clip_pixels, global_view_image, load_image, load_mask
 from .mappers import GlobalMapper, LocalMapper, clip_feature_levels, mask_local_tokens
-from .words import DEFAULT_PLACEHOLDER, encode_prompts_with_words, tokenize_with_placeholder
+from .words import DEFAULT_PLACEHOLDER, check_known_words, encode_prompts_with_words, tokenize_with_placeholder
 
 
 @dataclass
@@ -76,18 +76,61 @@ def _mask_for(image: Image.Image, mask: ImageLike) -> np.ndarray:
     return found
 
 
-def _check_sampling_arguments(num_inference_steps, guidance_scale, local_scale) -> None:
-    """Refuse the values diffusers would run with, silently wrong: no steps (noise comes out), or a
-    NaN or negative scale (guidance quietly off, a black image)."""
+def _whole(value, minimum: int = 1) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= minimum
+
+
+def _check_sampling_arguments(num_inference_steps, guidance_scale, local_scale, max_steps: int) -> None:
+    """Refuse the values diffusers would run with, silently wrong: no steps (noise comes out), more
+    steps than the scheduler has timesteps (every step the same timestep, without end), or a NaN or
+    negative scale (guidance quietly off, a black image); warn at values that are allowed but rarely meant."""
     steps = num_inference_steps
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1):
-        raise ValueError(f"num_inference_steps must be a whole number of at least 1, not {steps!r} "
-                         "(leave it out for the default).")
+    if steps is not None and not (_whole(steps) and steps <= max_steps):
+        raise ValueError(f"num_inference_steps must be a whole number from 1 to {max_steps} (the scheduler's training "
+                         f"timesteps), not {steps!r} (leave it out for the default).")
     for name, value in (("guidance_scale", guidance_scale), ("local_scale", local_scale)):
         if value is not None and not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, not {value!r}"
                              + (" (leave it out for the default; 1 or less turns guidance off)." if name == "guidance_scale"
                                 else " (0 turns the local branch off; the default is 0.8)."))
+    if guidance_scale is not None and guidance_scale > 30:
+        warnings.warn(f"guidance_scale {guidance_scale} is far above the usual 5 to 10: expect burnt, saturated images.",
+                      stacklevel=3)
+    if local_scale > 2:
+        warnings.warn(f"local_scale (λ) {local_scale} is above 2: the local branch will swamp the words "
+                      "(the authors use 0.6 to 1).", stacklevel=3)
+
+
+def _image_size_options(kwargs: dict, default: int, factor: int) -> dict:
+    """`height` and `width`, each defaulting on its own (diffusers resets both when one is missing),
+    checked to be positive multiples of the VAE's factor and of 8 (which diffusers asks for); and
+    `num_images_per_prompt` at least 1."""
+    sizes, multiple = {}, math.lcm(factor, 8)
+    for name in ("height", "width"):
+        value = kwargs.get(name)
+        if value is not None and not (_whole(value, multiple) and value % multiple == 0):
+            raise ValueError(f"{name} must be a positive multiple of {multiple} (the VAE's downsampling factor is "
+                             f"{factor}, and diffusers asks for 8), not {value!r}; leave it out for {default}.")
+        sizes[name] = default if value is None else value
+    count = kwargs.get("num_images_per_prompt")
+    if count is not None and not _whole(count):
+        raise ValueError(f"num_images_per_prompt must be a whole number of at least 1, not {count!r}.")
+    return sizes
+
+
+def _refuse_non_finite(what: str, values) -> None:
+    """Raise if `values` (a tensor or array) hold NaN or infinities, naming the likely causes."""
+    finite = torch.isfinite(values).all() if isinstance(values, torch.Tensor) else np.isfinite(values).all()
+    if not finite:
+        raise FloatingPointError(f"Generation produced NaN or infinite {what}: usually a very large guidance_scale or "
+                                 "local_scale, fp16 overflow (try float32), or broken mapper weights.")
+
+
+def _finite_latents(pipeline, step: int, timestep, callback_kwargs: dict) -> dict:
+    """diffusers' step-end callback: stop at the first step whose latents are not finite (PIL images
+    would hide it: NaN pixels are cast to 0)."""
+    _refuse_non_finite(f"latents at step {step + 1}", callback_kwargs["latents"])
+    return callback_kwargs
 
 
 @dataclass(frozen=True)
@@ -132,8 +175,8 @@ class ELITEPipeline:
         `mask` (white = object; a mask of another size is resized to the image, with a warning; an
         empty or unreadable mask raises ValueError) gates the local branch. The global words read
         the view their mapper was trained on (`GlobalMapper.input_view`): the whole image, as in the
-        authors' code, or the object alone, cut out by the mask (`data.object_crop`; without a mask,
-        the whole image, with a warning). With a `LocalMapper` and no mask, the whole image counts as
+        authors' code, or, cut out by the mask, the object alone (`data.object_crop`) or the padded box
+        around it (`data.box_crop`); without a mask, the whole image, with a warning. With a `LocalMapper` and no mask, the whole image counts as
         the object (with a warning): the local tokens then carry the background too.
         """
         rgb = load_image(image)
@@ -162,14 +205,17 @@ class ELITEPipeline:
         return Concept(words=words, pixel_values=pixels, mask=object_mask, local_tokens=local_tokens)
 
     def _global_view(self, rgb: Image.Image, pixels: torch.Tensor, mask: np.ndarray | None) -> torch.Tensor:
-        """The CLIP input (3, S, S) of the global mapper: `pixels` (the whole image) or the object alone."""
-        if self.global_mapper.input_view == "image":
+        """The CLIP input (3, S, S) of the global mapper: `pixels` (the whole image), the object alone
+        or the padded box around it (`data.global_view_image`)."""
+        view = self.global_mapper.input_view
+        if view == "image":
             return pixels
         if mask is None:
-            warnings.warn("This global mapper was trained on the object alone; without a mask it reads the "
+            what = "the object alone" if view == "object" else "the box around the object"
+            warnings.warn(f"This global mapper was trained on {what}; without a mask it reads the "
                           "whole image. Pass the object's mask to encode().", stacklevel=3)
             return pixels
-        return clip_pixels(object_crop(rgb, mask), self.image_size)
+        return clip_pixels(global_view_image(rgb, mask, view), self.image_size)
 
     def _levels(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         """(3, S, S) CLIP input -> the 5 feature levels (1, 1 + patches, vision_width)."""
@@ -209,20 +255,28 @@ class ELITEPipeline:
         Other keyword arguments go to `StableDiffusionPipeline.__call__` (`num_images_per_prompt`,
         `output_type`, `height`, `width`, `latents`, ...). Returns its output (`.images`).
         """
-        _check_sampling_arguments(num_inference_steps, guidance_scale, local_scale)
+        _check_sampling_arguments(num_inference_steps, guidance_scale, local_scale,
+                                  self.sd_pipeline.scheduler.config.num_train_timesteps)
+        factor = self.sd_pipeline.vae_scale_factor
+        kwargs.update(_image_size_options(kwargs, self.components.unet.config.sample_size * factor, factor))
+        if isinstance(kwargs.get("negative_prompt"), str):
+            check_known_words(self.components.tokenizer, kwargs["negative_prompt"])
         prompt_embeds = self.prompt_embeddings(prompt, concept, token_index, placeholder)
         guidance_scale = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
         local = self._local_tokens(prompt, concept, placeholder, local_scale, guidance_scale > 1,
                                    kwargs.get("num_images_per_prompt") or 1)
         with elite_attention(self.components.unet, self.global_mapper, capture=self.attention_capture,
                              local_mapper=self.local_mapper if local is not None else None, local=local):
-            return self.sd_pipeline(
+            output = self.sd_pipeline(
                 prompt_embeds=prompt_embeds,
                 num_inference_steps=num_inference_steps or self.defaults.num_inference_steps,
                 guidance_scale=guidance_scale,
                 generator=generator,
-                **kwargs,
+                **{"callback_on_step_end": _finite_latents, **kwargs},
             )
+        if kwargs.get("output_type") in ("np", "pt", "latent"):
+            _refuse_non_finite("images", output.images)
+        return output
 
     def _local_tokens(self, prompt, concept, placeholder: str, scale: float, guided: bool,
                       per_prompt: int) -> LocalTokens | None:

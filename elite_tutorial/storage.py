@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -102,22 +104,62 @@ def _replace_folder(staging: Path, folder: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def foreign_entries(folder: Path, own: Collection[str]) -> list[str]:
+    """The names in an existing `folder` that are not in `own` (sorted; none where it does not exist)."""
+    return sorted(p.name for p in folder.iterdir() if p.name not in own) if folder.is_dir() else []
+
+
+def refuse_foreign(folder: Path, foreign: list[str], what: str = "this save") -> None:
+    """Raise, naming the folder and what in it is not `what`'s own, if `foreign` is not empty."""
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        raise FileExistsError(f"{folder} holds files that {what} did not write ({shown}); replacing the folder would "
+                              "delete them. Choose a new or empty folder, or move them away first.")
+
+
+def _prepare_parent(folder: Path) -> None:
+    """Make `folder`'s parent, or say what is wrong with it in terms of `folder` (not of a hidden staging path)."""
+    blocking = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise NotADirectoryError(f"Cannot save to {folder}: {blocking} is a file, not a folder.")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PermissionError(f"Cannot save to {folder}: its folder {folder.parent} cannot be created "
+                              f"({error.strerror}).") from None
+    if not os.access(folder.parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"Cannot save to {folder}: its folder {folder.parent} is not writable.")
+
+
 @contextmanager
-def atomic_directory(folder: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+def atomic_directory(folder: str | os.PathLike, overwrite: bool = True,
+                     own: Collection[str] | None = None) -> Iterator[Path]:
     """Yield an empty staging folder next to `folder`; on success it becomes `folder`.
 
     If the body raises, the staging folder is deleted and `folder` is untouched. With `overwrite`,
-    an existing `folder` is replaced, and is never missing meanwhile; without it, an existing
-    `folder` is an error. Staging folders that killed writes left behind are cleaned up first.
+    an existing `folder` is replaced, and is never missing meanwhile, but only where it holds nothing
+    but the saver's own files: the names in `own` (checked before the body runs, so no work is lost
+    to a refusal) and those the body writes. A folder that holds anything else (a user's notes, other
+    runs) is refused, naming what is in it. Without `overwrite`, an existing `folder` is an error.
+    Staging folders that killed writes left behind are cleaned up first. The current folder (`.`) and
+    those above it are refused: a save replaces its folder, and a process cannot work in a replaced one.
     """
-    folder = Path(folder)
+    folder = Path(os.path.abspath(os.path.expanduser(folder)))
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} is a file; give a folder to save into.")
+    if folder == Path.cwd() or folder in Path.cwd().parents:
+        raise ValueError(f"Cannot save into {folder}: it is the current folder or holds it, and a save replaces its "
+                         "folder as a whole. Name a subfolder, e.g. ./mapper.")
     _clean_leftovers(folder)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} already exists; choose a new folder or remove it first.")
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    if own is not None:
+        refuse_foreign(folder, foreign_entries(folder, own))
+    _prepare_parent(folder)
     staging = _scratch_folder(folder, "staging")
     try:
         yield staging
+        refuse_foreign(folder, foreign_entries(folder, {*(own or ()), *(p.name for p in staging.iterdir())}))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
@@ -179,6 +221,15 @@ class SafetensorsHubMixin(PyTorchModelHubMixin):
     and says which file is wrong when a local folder is not a saved model."""
 
     _file_hint = ""  # what to do instead when given a file, said after the error
+    # config.json's fields: those the weights' shapes follow (required), and those older saves may lack
+    _required_config: dict[str, type] = {}
+    _optional_config: dict[str, type] = {}
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """model.safetensors with a SHA-256 of its tensors in the metadata, checked on load."""
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(Path(save_directory) / "model.safetensors"),
+                  metadata={"format": "pt", "sha256": tensors_digest(state)})
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
@@ -207,18 +258,55 @@ class SafetensorsHubMixin(PyTorchModelHubMixin):
         if not os.path.isdir(model_id):
             return super()._from_pretrained(model_id=model_id, map_location=map_location, strict=strict, **kwargs)
         hub_only = ("revision", "cache_dir", "force_download", "local_files_only", "token")
-        model = cls(**{k: v for k, v in kwargs.items() if k not in hub_only})
+        config = {k: v for k, v in kwargs.items() if k not in hub_only}
+        cls._check_config_fields(config, Path(model_id) / "config.json")
+        model = cls(**config)
         weights = Path(model_id) / "model.safetensors"
         if not weights.is_file():
             raise FileNotFoundError(f"{weights} is missing: a saved {cls.__name__} folder holds config.json and model.safetensors.")
         try:
             state = load_file(str(weights), device=str(map_location))
+            with safe_open(str(weights), "pt") as f:
+                saved_digest = (f.metadata() or {}).get("sha256")
         except Exception as error:  # safetensors' own error names no file
             raise ValueError(f"{weights} is not a readable safetensors file (truncated or corrupt: {error}); "
                              "save the model again, or download it again.") from None
+        if saved_digest is not None and saved_digest != tensors_digest(state):  # files without one load as before
+            raise ValueError(f"{weights} is damaged: its tensors do not match the checksum saved with them. "
+                             "Use another copy, or save the model again.")
         cls._check_weights(state, str(weights))
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if differing := [k for k in expected if k in state and tuple(state[k].shape) != expected[k]]:
+            k = differing[0]
+            raise ValueError(f"{weights} does not match {Path(model_id) / 'config.json'}: {k} is {tuple(state[k].shape)} in "
+                             f"the weights, {expected[k]} by the config ({len(differing)} tensors differ). The config "
+                             "was edited or belongs to other weights; save the model again.")
         model.load_state_dict(state, strict=strict)
         return model
+
+    @classmethod
+    def _check_config_fields(cls, config: dict, path: Path) -> None:
+        """Refuse, naming config.json and the field, a config that lacks a field the weights follow or
+        has one of the wrong type. (Fields the class does not take never reach it: the Hub mixin drops them.)"""
+        known = {**cls._required_config, **cls._optional_config}
+        if missing := [name for name in cls._required_config if name not in config]:
+            raise ValueError(f"{path} lacks {', '.join(missing)}: a saved {cls.__name__} config holds "
+                             f"{', '.join(cls._required_config)}. Save the model again.")
+        for name, value in config.items():
+            kind = known.get(name)
+            if kind is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+                raise ValueError(f"{path}: {name} must be {'a whole number' if kind is int else f'a {kind.__name__}'}, "
+                                 f"not {value!r}.")
+
+
+def tensors_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of tensors' names, dtypes, shapes and bytes, in name order (what a save's checksum covers)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def _check_config(folder: Path, what: str) -> None:

@@ -55,10 +55,10 @@ from tqdm.auto import tqdm
 
 from .attention import LocalTokens, elite_attention, set_local_tokens
 from .components import Components
-from .data import LocalTrainingSource, TrainingSource, clip_normalise
+from .data import LOCAL_BATCH_VIEWS, LocalTrainingSource, TrainingSource, clip_normalise
 from .mappers import NUM_LEVELS, GlobalMapper, LocalMapper, clip_feature_levels, mask_local_tokens
-from .storage import (atomic_directory, load_optimizer_tensors, optimizer_tensors, save_safetensors_atomic,
-                      write_json_atomic)
+from .storage import (atomic_directory, foreign_entries, load_optimizer_tensors, optimizer_tensors, refuse_foreign,
+                      save_safetensors_atomic, write_json_atomic)
 from .words import encode_prompts_with_words, tokenize_with_placeholder
 
 
@@ -221,22 +221,21 @@ def local_step_losses(components: Components, global_mapper: GlobalMapper, local
     """The two stage-2 losses of one (micro-)batch. ELITE's processors, with the local mapper's
     copies, must be installed on the UNet.
 
-    w0 from the frozen global mapper (of the view it was trained on: the whole image or the object
-    alone, `GlobalMapper.input_view`) goes in at the placeholder; the local
+    w0 from the frozen global mapper (of the view it was trained on, `GlobalMapper.input_view`: the
+    whole image, the object alone or its box) goes in at the placeholder; the local
     tokens of the object alone, masked, go through the local branch at λ = `recipe.local_scale`.
     loss_mle: squared noise error summed over latent channels and averaged over the valid region
     of the scale augmentation (the authors' normalisation); loss_reg: `reg_weight` x mean |local
     values| (the local `to_v` outputs), averaged over the layers.
 
     batch: `pixel_values` (B, 3, H, W) in [-1, 1], `valid_mask` (B, 1, h, w) at latent size,
-    `clip_pixels`, `object_crop_pixels` (`data.object_crop`) and `object_pixels` (B, 3, S, S) in
+    `clip_pixels`, `object_crop_pixels`, `box_crop_pixels` (`data.LOCAL_BATCH_VIEWS`) and `object_pixels` (B, 3, S, S) in
     [0, 1], `object_mask` (B, S, S), `prompts`.
     """
     c = components
     noisy, noise, timesteps = _noised_latents(c, batch["pixel_values"], noise_scheduler, generator)
     with torch.no_grad():
-        global_view = batch["clip_pixels"] if global_mapper.input_view == "image" else batch["object_crop_pixels"]
-        w0 = global_mapper(_levels(c, global_view))[:, :1]
+        w0 = global_mapper(_levels(c, batch[LOCAL_BATCH_VIEWS[global_mapper.input_view]]))[:, :1]
         context = encode_prompts_with_words(batch["prompts"], w0.to(c.text_encoder.dtype), c.tokenizer, c.text_encoder)
     tokens = mask_local_tokens(local_mapper(_levels(c, batch["object_pixels"])), batch["object_mask"].to(c.device))
     _, primary = tokenize_with_placeholder(c.tokenizer, batch["prompts"], 1)
@@ -251,7 +250,41 @@ def local_step_losses(components: Components, global_mapper: GlobalMapper, local
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints.
+# The run folder and its checkpoints.
+
+RUN_ENTRIES = ("checkpoints", "validation", "mapper", "log.json")  # what a run writes into its --out
+CHECKPOINT_FILES = ("mapper", "training_state.safetensors", "log.json")
+
+
+def _run_stage(out: Path) -> str | None:
+    """The stage ("global" or "local") of the run in `out`, from its log or newest checkpoint's; None if
+    neither says (logs written before the stage was recorded tell it by their recipe's fields)."""
+    for log_file in (out / "log.json", *(p / "log.json" for p in reversed(_checkpoint_dirs(out)))):
+        try:
+            log = json.loads(log_file.read_text())
+        except (OSError, ValueError):
+            continue
+        return log.get("stage") or ("global" if "num_words" in log.get("recipe", {}) else "local")
+    return None
+
+
+def check_run_folder(out: Path, stage: str, resume: bool) -> None:
+    """Refuse an --out that is not this stage's run folder, before any work: a file; a folder holding
+    anything a run does not write (a user's files, other runs); another stage's run; a run that has
+    started, unless resumed; or, when resuming, a folder with no checkpoint."""
+    out = Path(out)
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise NotADirectoryError(f"--out {out}: {blocking} is a file; give a folder (a new one, or the run's own to --resume).")
+    refuse_foreign(out, foreign_entries(out, RUN_ENTRIES), what=f"a {stage} training run")
+    other = _run_stage(out)
+    if other is not None and other != stage:
+        raise FileExistsError(f"--out {out} holds a {other} mapper's run; give stage {stage} a folder of its own.")
+    if resume and not _checkpoint_dirs(out):
+        raise FileNotFoundError(f"--resume latest: no checkpoint in {out / 'checkpoints'}.")
+    if not resume and out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"{out} already holds a {stage} run ({', '.join(foreign_entries(out, ()))}); pass "
+                              "--resume latest to continue it, or choose a new folder.")
 
 def _checkpoint_dirs(out: Path) -> list[Path]:
     found = [p for p in (out / "checkpoints").glob("step-*") if re.fullmatch(r"step-\d+", p.name)]
@@ -259,7 +292,7 @@ def _checkpoint_dirs(out: Path) -> list[Path]:
 
 
 def _save_checkpoint(out: Path, step: int, mapper: GlobalMapper | LocalMapper, optimizer, log: dict, keep: int) -> None:
-    with atomic_directory(out / "checkpoints" / f"step-{step:06d}") as staging:
+    with atomic_directory(out / "checkpoints" / f"step-{step:06d}", own=CHECKPOINT_FILES) as staging:
         mapper.save_pretrained(staging / "mapper")
         save_safetensors_atomic(optimizer_tensors(optimizer), staging / "training_state.safetensors", {"step": str(step)})
         (staging / "log.json").write_text(json.dumps(log))
@@ -269,10 +302,7 @@ def _save_checkpoint(out: Path, step: int, mapper: GlobalMapper | LocalMapper, o
 
 def _resume(out: Path, mapper: GlobalMapper | LocalMapper, optimizer, recipe, device) -> tuple[int, list]:
     """Load the newest checkpoint into `mapper` and `optimizer`; return (its step, its loss history)."""
-    checkpoints = _checkpoint_dirs(out)
-    if not checkpoints:
-        raise FileNotFoundError(f"--resume latest: no checkpoint in {out / 'checkpoints'}.")
-    latest = checkpoints[-1]
+    latest = _checkpoint_dirs(out)[-1]  # `check_run_folder` made sure there is one
     log = json.loads((latest / "log.json").read_text())
     # a field the checkpoint lacks was added later, with a default that keeps the old behaviour
     saved = {**{f.name: f.default for f in fields(recipe)}, **log["recipe"]}
@@ -366,6 +396,7 @@ def _train(
     `attention(mapper)` installs ELITE's processors for the whole run; `validate(mapper, png path)`.
     `data_workers` processes build batches ahead (0: in the training process, between steps).
     """
+    check_run_folder(out, stage, resume)
     accelerator = Accelerator(gradient_accumulation_steps=recipe.gradient_accumulation, mixed_precision=mixed_precision)
     scale = recipe.batch_size * recipe.gradient_accumulation * accelerator.num_processes
     optimizer = torch.optim.AdamW(_parameter_groups(mapper, recipe.learning_rate * scale, recipe.key_value_lr_scale),
@@ -375,10 +406,8 @@ def _train(
     start, history = 0, []
     if resume:
         start, history = _resume(out, mapper, optimizer, recipe, accelerator.device)
-    elif _checkpoint_dirs(out):
-        raise FileExistsError(f"{out} already holds checkpoints; pass --resume latest or choose a new folder.")
     prepared, optimizer = accelerator.prepare(mapper, optimizer)
-    log = {"command": command, "recipe": asdict(recipe), "history": history}
+    log = {"stage": stage, "command": command, "recipe": asdict(recipe), "history": history}
     batches = iter(DataLoader(_MicroBatches(next_batch, recipe, accelerator.process_index, start), batch_size=None,
                               num_workers=data_workers, prefetch_factor=4 if data_workers else None,
                               worker_init_fn=_one_thread if data_workers else None,

@@ -69,6 +69,13 @@ def _check_known_words(tokenizer: CLIPTokenizer, prompt: str, ids: list[int], sp
         )
 
 
+def check_known_words(tokenizer: CLIPTokenizer, prompt: str) -> None:
+    """Raise, naming them, if a word-list tokenizer lacks some of `prompt`'s words (a negative prompt,
+    a plain prompt): the same check prompts with the placeholder get."""
+    ids = tokenizer(prompt).input_ids
+    _check_known_words(tokenizer, prompt, ids, word_spans(tokenizer, ids))
+
+
 def placeholder_token_id(tokenizer: CLIPTokenizer, placeholder: str = DEFAULT_PLACEHOLDER) -> int:
     """The single token id of `placeholder` (raises if the tokenizer splits it)."""
     ids = tokenizer(placeholder, add_special_tokens=False).input_ids

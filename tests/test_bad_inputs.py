@@ -2,6 +2,7 @@
 correctly; nothing is silently wrong. Grouped by area; docs/bad-inputs.md lists them."""
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from elite_tutorial import load_components
 from elite_tutorial import storage
 from elite_tutorial.cli import main as elite_train
 from elite_tutorial.components import ASSETS_DIR, default_device_and_dtype
-from elite_tutorial.data import load_image, load_mask
+from elite_tutorial.data import concept_folder, load_image, load_mask
 from elite_tutorial.mappers import GlobalMapper, LocalMapper
 from elite_tutorial.pipeline import ELITEPipeline
 from elite_tutorial.storage import atomic_directory
@@ -70,11 +71,41 @@ def test_words_a_word_list_vocabulary_lacks_are_named(tiny):
     (dict(guidance_scale=-1.0), "guidance_scale .* not -1.0"),
     (dict(local_scale=math.nan), "local_scale .* not nan"),
     (dict(local_scale=-0.5), "local_scale .* not -0.5"),
+    (dict(num_inference_steps=5000), "num_inference_steps must be a whole number from 1 to 1000 .* not 5000"),
+    (dict(height=10), "height must be a positive multiple of 8 .* not 10"),
+    (dict(width=0), "width must be a positive multiple of 8 .* not 0"),
+    (dict(height=-16), "height must be a positive multiple"),
+    (dict(num_images_per_prompt=0), "num_images_per_prompt must be a whole number of at least 1, not 0"),
+    (dict(negative_prompt="a blurry teapot"), "lacks: 'blurry', 'teapot'"),
 ])
 def test_bad_sampling_arguments_are_refused(pipe, arguments, message):
     concept = pipe.encode(picture())
     with pytest.raises(ValueError, match=message):
         pipe("a photo of a S", concept, **arguments)
+
+
+def test_height_and_width_each_default_on_their_own(pipe):
+    concept = pipe.encode(picture())
+    default = pipe.components.unet.config.sample_size * pipe.sd_pipeline.vae_scale_factor
+    for given, shape in ((dict(height=16), (16, default)), (dict(width=16), (default, 16))):
+        images = pipe("a photo of a S", concept, num_inference_steps=1, output_type="np", **given).images
+        assert images.shape[1:3] == shape
+
+
+def test_scales_far_outside_their_usual_range_warn(pipe):
+    concept = pipe.encode(picture())
+    for arguments, message in ((dict(guidance_scale=40.0), "far above the usual"), (dict(local_scale=3.0), "above 2")):
+        with pytest.warns(UserWarning, match=message):
+            pipe("a photo of a S", concept, num_inference_steps=1, **arguments)
+
+
+def test_non_finite_latents_are_not_returned_silently(pipe):
+    concept = pipe.encode(picture())
+    broken = pipe.encode(picture())
+    broken.words = torch.full_like(concept.words, math.nan)
+    for output_type in ("pil", "np"):
+        with pytest.raises(FloatingPointError, match="NaN or infinite latents at step 1.*guidance_scale"):
+            pipe("a photo of a S", broken, num_inference_steps=2, output_type=output_type)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -331,3 +362,212 @@ def test_a_killed_writers_leftovers_are_cleaned_and_the_old_copy_put_back(tmp_pa
 def test_a_mappers_log_is_written_with_it(tiny, tmp_path):
     GlobalMapper.from_components(tiny).save_pretrained(tmp_path / "mapper", log={"history": [1]})
     assert json.loads((tmp_path / "mapper" / "log.json").read_text()) == {"history": [1]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Nothing a user owns is deleted: a save replaces only a folder of its own files.
+
+def users_folder(folder):
+    """A project folder with a user's notes and photos in it."""
+    (folder / "photos").mkdir(parents=True)
+    (folder / "photos" / "cat.jpg").write_bytes(b"jpeg")
+    (folder / "notes.txt").write_text("mine")
+    return folder
+
+
+def still_there(folder):
+    return (folder / "notes.txt").read_text() == "mine" and (folder / "photos" / "cat.jpg").read_bytes() == b"jpeg"
+
+
+def test_a_mapper_save_refuses_a_folder_with_the_users_files_and_lists_them(tiny, tmp_path):
+    mapper = GlobalMapper.from_components(tiny)
+    folder = users_folder(tmp_path / "project")
+    with pytest.raises(FileExistsError, match=r"project holds files that this save did not write \(notes.txt, photos\)"):
+        mapper.save_pretrained(folder)
+    assert still_there(folder) and sorted(p.name for p in tmp_path.iterdir()) == ["project"]
+    runs = tmp_path / "runs"  # a folder of runs is not a mapper's either
+    (runs / "run-1" / "mapper").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="run-1"):
+        mapper.save_pretrained(runs)
+    assert (runs / "run-1" / "mapper").is_dir()
+
+
+def test_a_mapper_save_replaces_its_own_earlier_save(tiny, tmp_path):
+    folder = tmp_path / "mapper"
+    GlobalMapper.from_components(tiny).save_pretrained(folder, log={"history": [1]})
+    GlobalMapper.from_components(tiny).save_pretrained(folder)  # an earlier save's log.json is the mapper's own
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    GlobalMapper.from_components(tiny).save_pretrained(empty)
+    assert (empty / "model.safetensors").is_file()
+
+
+def test_the_concepts_writer_refuses_a_folder_with_other_files(tmp_path):
+    from elite_tutorial.toyworld.concepts import CONCEPTS, write_concepts
+    folder = users_folder(tmp_path / "concepts")
+    with pytest.raises(FileExistsError, match="notes.txt, photos"):
+        write_concepts(folder, CONCEPTS[:1])
+    assert still_there(folder)
+    written = write_concepts(tmp_path / "mine", CONCEPTS[:2])
+    write_concepts(written, CONCEPTS[:1])  # its own earlier output: replaced
+    assert sorted(p.name for p in written.iterdir()) == sorted([CONCEPTS[0].name, "labels.json"])
+
+
+def test_the_check_is_made_before_the_work_and_again_before_the_swap(tmp_path):
+    folder = users_folder(tmp_path / "folder")
+    work = []
+    with pytest.raises(FileExistsError):
+        with atomic_directory(folder, own=("config.json",)):
+            work.append("done")
+    assert not work and still_there(folder)
+    late = tmp_path / "late"
+    with pytest.raises(FileExistsError, match="diary.txt"):
+        with atomic_directory(late, own=("config.json",)) as staging:
+            (staging / "config.json").write_text("{}")
+            late.mkdir()
+            (late / "diary.txt").write_text("written while the save worked")
+    assert (late / "diary.txt").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["folder", "late"]
+
+
+def test_a_save_names_the_target_when_its_parent_is_a_file_or_it_is_the_current_folder(tiny, tmp_path, monkeypatch):
+    mapper = GlobalMapper.from_components(tiny)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(NotADirectoryError, match=r"Cannot save to .*notes.txt/mapper: .*notes.txt is a file"):
+        mapper.save_pretrained(tmp_path / "notes.txt" / "mapper")
+    with pytest.raises(FileExistsError, match="notes.txt is a file; give a folder"):
+        mapper.save_pretrained(tmp_path / "notes.txt")
+    monkeypatch.chdir(tmp_path)
+    for current in (".", "..", tmp_path):
+        with pytest.raises(ValueError, match="current folder or holds it.*Name a subfolder"):
+            mapper.save_pretrained(current)
+    mapper.save_pretrained("./mapper")
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "mapper" / "config.json").is_file()
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes anywhere")
+def test_a_save_into_a_read_only_folder_names_the_target(tiny, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(PermissionError, match=r"Cannot save to .*locked/mapper: its folder .*locked is not writable"):
+            GlobalMapper.from_components(tiny).save_pretrained(locked / "mapper")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_elite_train_out_must_be_this_stages_run_or_new(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("elite_tutorial.cli.load_components", lambda *a, **k: pytest.fail("components loaded"))
+
+    def refused(stage, out, *extra):
+        with pytest.raises(SystemExit):
+            elite_train([stage, "--profile", "smoke", "--out", str(out), *extra,
+                         *(["--global-mapper", str(ASSETS_DIR / "toy-global-mapper")] if stage == "local" else [])])
+        return capsys.readouterr().err
+
+    assert "notes.txt, photos" in refused("global", users_folder(tmp_path / "project"))
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-000002").mkdir(parents=True)
+    (run / "checkpoints" / "step-000002" / "log.json").write_text(json.dumps({"stage": "global", "recipe": {}}))
+    assert "pass --resume latest to continue it" in refused("global", run)
+    assert "holds a global mapper's run; give stage local a folder of its own" in refused("local", run, "--resume", "latest")
+    (tmp_path / "fresh").mkdir()
+    assert "no checkpoint in" in refused("global", tmp_path / "fresh", "--resume", "latest")
+
+
+# --------------------------------------------------------------------------------------------------
+# The evaluation commands: counts and output paths checked before anything loads.
+
+@pytest.mark.parametrize("command, arguments, message", [
+    ("evaluation", ["--samples", "0"], "argument --samples: must be at least 1, not 0"),
+    ("evaluation", ["--out", "{tmp}"], "argument --out: .* is a folder; give a file name"),
+    ("evaluation", ["--out", "{tmp}/notes.txt/results.json"], "argument --out: cannot write .*notes.txt is a file"),
+    ("comparison", ["--concepts", "0"], "argument --concepts: must be at least 1, not 0"),
+    ("comparison", ["--concepts", "99"], "there are 16 personal concepts, not 99"),
+    ("comparison", ["--samples", "-1"], "argument --samples: must be at least 1, not -1"),
+])
+def test_evaluation_commands_check_their_arguments_before_loading(tmp_path, capsys, monkeypatch, command, arguments, message):
+    from elite_tutorial import comparison, evaluation
+    module = {"evaluation": evaluation, "comparison": comparison}[command]
+    monkeypatch.setattr(module, "load_components", lambda *a, **k: pytest.fail("components loaded"))
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_:
+        module.main([a.replace("{tmp}", str(tmp_path)) for a in arguments])
+    assert exit_.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+# --------------------------------------------------------------------------------------------------
+# Masks that are probably wrong.
+
+def concept_view(index=0):
+    folder = ASSETS_DIR / "concepts" / "red_dotted_heart"
+    return Image.open(folder / f"{index}.png"), Image.open(folder / f"{index}_bg.png")
+
+
+def test_mask_files_under_other_names_are_read_as_masks_never_as_views(tmp_path):
+    image, mask = concept_view()
+    for name in ("0.png", "1.jpg", "2.png", "3.png"):
+        image.convert("RGB").save(tmp_path / name)
+    mask.save(tmp_path / "0_bg.png")
+    mask.convert("RGB").save(tmp_path / "1-BG.jpg")    # other case, separator, format
+    mask.save(tmp_path / "2_mask.png")                 # other suffix
+    mask.save(tmp_path / "3_bg.webp")
+    mask.save(tmp_path / "7_bg.png")                   # no view 7
+    with pytest.warns(UserWarning, match=r"7_bg.png look\(s\) like masks but no view has that name"):
+        views = concept_folder(tmp_path)
+    assert [(i.name, m.name) for i, m in views] == [("0.png", "0_bg.png"), ("1.jpg", "1-BG.jpg"),
+                                                    ("2.png", "2_mask.png"), ("3.png", "3_bg.webp")]
+
+
+def test_a_photo_given_as_the_mask_and_an_inverted_mask_warn(tmp_path):
+    image, mask = concept_view()
+    with pytest.warns(UserWarning, match="not two-toned .* looks like a photo. Are the image and the mask swapped"):
+        load_mask(image)
+    _, small = concept_view(3)  # the small view: the object is a few percent of the image
+    with pytest.warns(UserWarning, match="touches every edge: it looks inverted"):
+        load_mask(255 - np.asarray(small))
+
+
+def test_real_masks_jpeg_masks_and_box_crops_raise_no_warning(tmp_path):
+    import warnings
+    _, mask = concept_view()
+    mask.convert("RGB").save(tmp_path / "m.jpg", quality=70)
+    box = np.zeros((120, 100), np.uint8)
+    box[10:110, 10:90] = 255  # a padded box crop: the object fills most of it, not its edges
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for given in (mask, tmp_path / "m.jpg", box, *sorted((ASSETS_DIR / "concepts").glob("*/*_bg.png"))):
+            load_mask(given)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files that lie: config.json and the weights' checksum.
+
+@pytest.mark.parametrize("change, message", [
+    ({"vision_width": None}, r"config.json lacks vision_width"),
+    ({"attention_layers": None}, r"config.json lacks attention_layers"),
+    ({"vision_width": "128"}, r"config.json: vision_width must be a whole number, not '128'"),
+    ({"input_view": 3}, r"config.json: input_view must be a str, not 3"),
+    ({"hidden_width": 7}, r"model.safetensors does not match .*config.json: mapping.0.0.weight is"),
+])
+def test_a_mapper_config_that_lies_is_named_with_its_field(tiny, tmp_path, change, message):
+    folder = tmp_path / "mapper"
+    GlobalMapper.from_components(tiny).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in change.items():
+        config.pop(key) if value is None else config.__setitem__(key, value)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        GlobalMapper.from_pretrained(folder)
+
+
+def test_saved_weights_carry_a_checksum_that_refuses_a_damaged_file(tiny, tmp_path):
+    folder = tmp_path / "mapper"
+    GlobalMapper.from_components(tiny).save_pretrained(folder)
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte in the last tensor: still a readable safetensors file
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="is damaged: its tensors do not match the checksum"):
+        GlobalMapper.from_pretrained(folder)
+    assert GlobalMapper.from_pretrained(ASSETS_DIR / "toy-global-mapper")  # saved without one: loads as before

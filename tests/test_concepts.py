@@ -9,8 +9,10 @@ from PIL import Image
 from elite_tutorial.components import ASSETS_DIR
 from elite_tutorial.evaluation import SAYABLE_KINDS, sayable_objects
 from elite_tutorial.toyworld.concepts import (
+    CONCEPT_SETS,
     CONCEPTS,
     OUT_OF_SPAN,
+    VALIDATION_CONCEPTS,
     PersonalConcept,
     concept_by_name,
     concept_views,
@@ -38,6 +40,21 @@ def test_sixteen_identities_of_values_the_world_draws_each_learnt_from_many_trai
     # none of them is an object `elite-train --toy-fixed-objects` trains on
     for kind in SAYABLE_KINDS:
         assert not any(is_held_out(obj) for obj in sayable_objects(kind))
+
+
+def test_validation_identities_are_held_out_alike_and_apart_from_the_test_concepts():
+    test = {(c.shape, c.colour, c.pattern) for c in CONCEPTS}
+    validation = {(c.shape, c.colour, c.pattern) for c in VALIDATION_CONCEPTS}
+    assert len(validation) == len(VALIDATION_CONCEPTS) == 16 and not validation & test
+    assert CONCEPT_SETS == {"test": CONCEPTS, "validation": VALIDATION_CONCEPTS}
+    training = [i for i in product(SHAPES, COLOURS, PATTERNS) if i not in test | validation]
+    for concept in VALIDATION_CONCEPTS:
+        assert concept.pattern != "solid" and concept.colour != "green"
+        assert is_held_out(ToyObject(concept.shape, concept.colour, concept.pattern, "small", "right"))
+        assert len(view_settings(concept)) == 4 and concept_by_name(concept.name) == concept
+        for index, value in enumerate((concept.shape, concept.colour, concept.pattern)):
+            assert sum(identity[index] == value for identity in training) >= 15
+    assert not is_held_out(ToyObject("heart", "red", "striped"))  # a training identity stays in
 
 
 def test_views_are_deterministic_mostly_large_and_differ_in_everything_but_identity():

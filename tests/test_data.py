@@ -13,6 +13,7 @@ from elite_tutorial.data import (
     OpenImagesMaskSource,
     OpenImagesSource,
     ToyWorldSource,
+    another_view,
     augment_for_clip,
     clip_pixels,
     close_up,
@@ -143,6 +144,40 @@ def test_toy_global_view_shows_the_encoder_the_object_alone_and_the_unet_the_who
     assert torch.equal(object_view["clip_pixels"], torch.stack([augment_for_clip(crop, 32, rng) for crop in crops]))
     with pytest.raises(ValueError, match="global_view"):
         ToyWorldSource(clip_size=32, global_view="crop")
+
+
+def test_the_box_view_and_the_box_target_are_the_padded_box_around_the_object():
+    scene_view = ToyWorldSource(clip_size=32).batch(np.random.default_rng(3), 4)
+    box = ToyWorldSource(clip_size=32, global_view="box", target="box").batch(np.random.default_rng(3), 4)
+    rng = np.random.default_rng(3)
+    scenes = toy_training_scenes(rng, 4)
+    crops = [box_crop(Image.fromarray(scene.image), scene.masks[0]) for scene in scenes]
+    assert torch.equal(box["clip_pixels"], torch.stack([augment_for_clip(crop, 32, rng) for crop in crops]))
+    # the UNet's target is that same box (not augmented), and the object fills much more of it than of the scene
+    expected = torch.stack([torch.from_numpy(np.asarray(c.resize((64, 64), Image.Resampling.BICUBIC), np.float32) / 127.5 - 1)
+                            .permute(2, 0, 1) for c in crops])
+    assert torch.equal(box["pixel_values"], expected)
+    assert (box["target_object_mask"].mean((1, 2, 3)) > 2 * scene_view["target_object_mask"].mean((1, 2, 3))).all()
+    # no context in the captions: a box shows no place and little background, as the authors' crops
+    assert all(not any(w in p for w in ("left", "right", "top", "bottom", "center", "background", "small", "large"))
+               for p in box["prompts"])
+
+
+def test_the_other_view_target_draws_the_same_identity_elsewhere_and_says_its_context():
+    source = ToyWorldSource(clip_size=32, global_view="box", target="other-view", context_probability=1.0)
+    batch = source.batch(np.random.default_rng(5), 6)
+    scenes = toy_training_scenes(np.random.default_rng(5), 6)
+    identities = [(s.spec.objects[0].shape, s.spec.objects[0].colour, s.spec.objects[0].pattern) for s in scenes]
+    rng = np.random.default_rng(5)
+    toy_training_scenes(rng, 6)
+    others = [another_view(s, rng) for s in scenes]
+    assert [(o.spec.objects[0].shape, o.spec.objects[0].colour, o.spec.objects[0].pattern) for o in others] == identities
+    assert any(o.spec != s.spec for o, s in zip(others, scenes))
+    for other, prompt in zip(others, batch["prompts"]):
+        obj = other.spec.objects[0]  # the caption says the drawn view's size, place and background
+        assert obj.size in prompt and other.spec.background in prompt
+    images = torch.stack([torch.from_numpy(o.image.astype(np.float32) / 127.5 - 1).permute(2, 0, 1) for o in others])
+    assert torch.allclose(batch["pixel_values"], images, atol=1e-5)
 
 
 def test_a_close_up_redraws_the_object_large_at_the_centre_on_the_same_background():
@@ -314,7 +349,7 @@ def test_openimages_masks_give_stage_two_samples(tmp_path):
     assert batch["pixel_values"].shape == (3, 3, 32, 32) and batch["valid_mask"].shape == (3, 1, 8, 8)
     assert batch["object_pixels"].shape == (3, 3, 32, 32) and batch["object_mask"].shape == (3, 32, 32)
     assert all(batch["object_pixels"][i][:, ~batch["object_mask"][i]].mean() < 0.05 for i in range(3))  # black around
-    assert batch["object_crop_pixels"].shape == batch["clip_pixels"].shape
+    assert batch["object_crop_pixels"].shape == batch["box_crop_pixels"].shape == batch["clip_pixels"].shape
     assert all("S" in p.split() for p in batch["prompts"])
     assert source.skipped > 0  # the unreadable mask
     with pytest.raises(FileNotFoundError, match="segmentation table"):

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from ..components import Components, load_components
 from ..data import clip_pixels, object_crop
-from ..mappers import GlobalMapper, clip_feature_levels, cross_attention_modules
+from ..mappers import MAPPER_FILES, GlobalMapper, clip_feature_levels, cross_attention_modules
 from ..storage import atomic_directory
 from ..words import DEFAULT_PLACEHOLDER, encode_prompts_with_words
 from .concepts import is_held_out
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     components = load_components(args.components, device="cpu", dtype=torch.float32)
     mapper, report = fit_mapper_to_compounds(components, args.count, args.epochs, args.seed)
-    with atomic_directory(args.out) as staging:
+    with atomic_directory(args.out, own=(*MAPPER_FILES, "fit.json")) as staging:
         mapper.save_pretrained(staging)
         (staging / "fit.json").write_text(json.dumps({**report, "command": command}, indent=1))
     print(json.dumps(report, indent=1))

@@ -233,7 +233,7 @@ def identity_probe(image_encoder: CLIPVisionModel, training: int = 3000, per_con
 
 def write_encoder(model: CLIPModel, out: Path, record: dict) -> None:
     """The vision tower (fp16, as the shipped components store it) and its record, written atomically."""
-    with atomic_directory(out) as staging:
+    with atomic_directory(out, own=("config.json", "model.safetensors", "record.json")) as staging:
         vision = CLIPVisionModel(model.config.vision_config)
         vision.load_state_dict(model.vision_model.state_dict())
         vision.to(torch.float16).save_pretrained(staging)

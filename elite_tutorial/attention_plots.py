@@ -100,6 +100,16 @@ def word_map(capture: AttentionCapture, positions: Sequence[int], row: int | Non
     layers: explicit layers instead of those of `resolution`.
     """
     row = capture.conditional_rows.start if row is None else row
+    if not capture.sums:
+        raise ValueError("Nothing was recorded: run the pipeline inside `capture_cross_attention`.")
+    rows, heads, _, tokens = next(iter(capture.sums.values())).shape
+    _check_index("row", row, rows, "rows of the UNet batch")
+    _check_index("head", head, heads, "heads")
+    if not positions:
+        raise ValueError("positions is empty: give the token positions of a word (`prompt_words` lists them).")
+    if capture.tokens is None:
+        for position in positions:
+            _check_index("token position", position, tokens, "prompt positions")
     columns = [capture.column(p) for p in positions]
 
     def one_layer(layer: str) -> torch.Tensor:
@@ -112,10 +122,22 @@ def word_map(capture: AttentionCapture, positions: Sequence[int], row: int | Non
 def gate_map(capture: AttentionCapture, row: int = 0, resolution: int | None = None, head: int | None = None,
              steps: Sequence[int] | None = None, layers: Sequence[str] | None = None) -> torch.Tensor:
     """ELITE's local gate (w0's map over its maximum) of the local branch's `row`: (h, w), as `word_map`."""
+    if not capture.gate_sums:
+        raise ValueError("No local gate was recorded (generate with a LocalMapper and λ > 0).")
+    rows, heads, _ = next(iter(capture.gate_sums.values())).shape
+    _check_index("row", row, rows, "rows of the local branch")
+    _check_index("head", head, heads, "heads")
+
     def one_layer(layer: str) -> torch.Tensor:
         gate = capture.gate(layer, steps)[row]  # (heads, pixels)
         return gate.mean(0) if head is None else gate[head]
     return _mean_over_layers(capture, one_layer, resolution, layers, [l for l in capture.layers if l in capture.gate_sums])
+
+
+def _check_index(name: str, value, count: int, what: str) -> None:
+    """Refuse an index (None: not chosen) outside 0..count-1 of what the capture holds, naming it."""
+    if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < count):
+        raise ValueError(f"{name} {value!r} is outside what was captured: {count} {what} (0 to {count - 1}).")
 
 
 def _mean_over_layers(capture: AttentionCapture, one_layer, resolution: int | None, layers: Sequence[str] | None,

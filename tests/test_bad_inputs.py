@@ -571,3 +571,26 @@ def test_saved_weights_carry_a_checksum_that_refuses_a_damaged_file(tiny, tmp_pa
     with pytest.raises(ValueError, match="is damaged: its tensors do not match the checksum"):
         GlobalMapper.from_pretrained(folder)
     assert GlobalMapper.from_pretrained(ASSETS_DIR / "toy-global-mapper")  # saved without one: loads as before
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a capture: rows, heads and token positions inside what was captured.
+
+def test_word_and_gate_maps_refuse_what_was_not_captured():
+    from test_attention_plots import synthetic_capture
+    from elite_tutorial.attention_maps import AttentionCapture
+    from elite_tutorial.attention_plots import gate_map, word_map
+    capture = synthetic_capture()
+    for arguments, message in ((dict(positions=[3], row=2), "row 2 is outside what was captured: 2 rows"),
+                               (dict(positions=[3], head=5), "head 5 is outside what was captured: 2 heads"),
+                               (dict(positions=[77]), "token position 77 is outside .* 77 prompt positions"),
+                               (dict(positions=[-1]), "token position -1 is outside"),
+                               (dict(positions=[]), "positions is empty")):
+        with pytest.raises(ValueError, match=message):
+            word_map(capture, **arguments)
+    with pytest.raises(ValueError, match="head 2 is outside"):
+        gate_map(capture, head=2)
+    with pytest.raises(ValueError, match="row 1 is outside what was captured: 1 rows of the local branch"):
+        gate_map(capture, row=1)
+    with pytest.raises(ValueError, match="Nothing was recorded"):
+        word_map(AttentionCapture(), [3])

@@ -48,3 +48,13 @@ def writable_file(text: str) -> Path:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"cannot write {text}: {folder} is not writable")
     return path
+
+
+def path_argument(value, name: str, what: str = "a file or folder") -> Path:
+    """`value` (a str or os.PathLike) as a Path; anything else, or an empty path, is refused naming
+    `name` and what it takes (not with pathlib's "expected str, bytes or os.PathLike")."""
+    if isinstance(value, os.PathLike) or (isinstance(value, str) and not isinstance(value, bool)):
+        if os.fspath(value) == "":
+            raise ValueError(f"{name} is an empty path; give the path of {what}.")
+        return Path(value)
+    raise TypeError(f"{name} must be the path of {what} (a str or pathlib.Path), not {type(value).__name__} {value!r}.")

@@ -34,6 +34,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from safetensors.torch import load_file
 
+from .arguments import path_argument
 from .storage import save_safetensors_atomic
 
 
@@ -174,6 +175,9 @@ def load_capture(path: str | os.PathLike) -> AttentionCapture:
     """A capture written by `AttentionCapture.save`."""
     from safetensors import safe_open  # noqa: PLC0415
 
+    path = path_argument(path, "path", "a file written by AttentionCapture.save")
+    if not path.is_file():
+        raise FileNotFoundError(f"No attention capture file at {path}.")
     with safe_open(str(path), "pt") as f:
         meta = (f.metadata() or {}).get("attention_capture")
     if meta is None:

@@ -33,6 +33,7 @@ from transformers import (
 )
 
 from .data import FAR_PHRASES, IMAGENET_TEMPLATES, NEAR_PHRASES
+from .arguments import path_argument
 from .storage import atomic_directory
 from .toyworld.render import ATTRIBUTES, POSITION_PHRASES, PREFIXES
 from .toyworld.tokenizer import build_clip_tokenizer
@@ -333,7 +334,7 @@ def load_components(preset_or_path: str | os.PathLike | None = None, device=None
     device, dtype = default_device_and_dtype(device, dtype)  # a bad device or dtype fails before any download
     if isinstance(preset_or_path, str) and preset_or_path in PRESETS:
         return PRESETS[preset_or_path](device=device, dtype=dtype)
-    if Path(preset_or_path).is_dir():
+    if path_argument(preset_or_path, "preset_or_path", f"a components folder, or a preset ({', '.join(PRESETS)})").is_dir():
         return load_components_folder(preset_or_path, device, dtype)
     raise ValueError(
         f"Unknown preset or folder {str(preset_or_path)!r}. Valid presets: {', '.join(PRESETS)}; "

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageFilter, ImageOps, UnidentifiedImageError
 
+from .arguments import path_argument
+
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
@@ -66,7 +68,10 @@ def _open(source: ImageLike, what: str) -> Image.Image:
         return _upright(source)
     if isinstance(source, (np.ndarray, torch.Tensor)):
         return _from_array(source, what)
-    path = Path(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"The {what} must be a path, a PIL image, a numpy array or a torch tensor, "
+                        f"not {type(source).__name__} {source!r}.")
+    path = path_argument(source, f"the {what}", f"{'an' if what[0] in 'aeiou' else 'a'} {what} file")
     if not path.is_file():
         raise FileNotFoundError(f"No {what} file at {path}.")
     try:
@@ -211,7 +216,7 @@ def concept_folder(folder: str | os.PathLike) -> list[tuple[Path, Path | None]]:
     another case, separator or suffix (`N-BG.jpg`, `N_mask.png`) is read as its view's mask; one whose
     view is missing is named in a warning. Neither is ever taken as a view.
     """
-    folder = Path(folder)
+    folder = path_argument(folder, "folder", "a concept folder")
     if not folder.is_dir():
         raise FileNotFoundError(f"No concept folder at {folder}.")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)

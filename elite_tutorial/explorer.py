@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 from contextlib import contextmanager
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -106,6 +107,9 @@ class AttentionExplorer:
                  seed: int = 0):
         import ipywidgets as w  # noqa: PLC0415 (widgets only for the app)
 
+        if not isinstance(concepts, Mapping) or not concepts:
+            raise TypeError(f"concepts must be a non-empty dict of name -> (image, mask or None), e.g. "
+                            f"{{'heart': ('0.png', '0_bg.png')}}; not {concepts!r:.60}.")
         self.pipe, self.concepts = pipe, dict(concepts)
         self._encoded: dict[str, Concept] = {}
         self.generation: Generation | None = None

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionModel
 
+from .arguments import path_argument
 from .data import GLOBAL_VIEWS
 from .storage import SafetensorsHubMixin, atomic_directory
 
@@ -354,7 +355,7 @@ def _check_official_name(path: Path, mapper_class) -> None:
 
 def read_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A `.pt` state dict of plain tensors, with clear errors for anything else."""
-    path = Path(path)
+    path = path_argument(path, "checkpoint", "the authors' .pt checkpoint")
     saved_here = "a mapper saved by save_pretrained (config.json + model.safetensors) loads with from_pretrained(<its folder>)"
     if path.is_dir():
         raise ValueError(f"{path} is a folder; from_official reads the authors' `.pt` file, and {saved_here}.")

@@ -60,6 +60,8 @@ class Concept:
             if token_index != "full":
                 raise ValueError(f"token_index must be an int, a list of ints or 'full'; got {token_index!r}.")
             return self.words
+        if not isinstance(token_index, (int, list, tuple)) or isinstance(token_index, bool):
+            raise TypeError(f"token_index must be an int, a list of ints or 'full'; got {token_index!r}.")
         indices = [token_index] if isinstance(token_index, int) else list(token_index)
         if not indices or any(not isinstance(i, int) or not 0 <= i < count for i in indices):
             raise ValueError(f"token_index {token_index!r} is out of range: this concept has words 0..{count - 1}.")
@@ -89,7 +91,8 @@ def _check_sampling_arguments(num_inference_steps, guidance_scale, local_scale, 
         raise ValueError(f"num_inference_steps must be a whole number from 1 to {max_steps} (the scheduler's training "
                          f"timesteps), not {steps!r} (leave it out for the default).")
     for name, value in (("guidance_scale", guidance_scale), ("local_scale", local_scale)):
-        if value is not None and not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
+        if (value is not None or name == "local_scale") and not (
+                isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, not {value!r}"
                              + (" (leave it out for the default; 1 or less turns guidance off)." if name == "guidance_scale"
                                 else " (0 turns the local branch off; the default is 0.8)."))
@@ -142,6 +145,21 @@ class SamplingDefaults:
 
 FULL_SIZE_DEFAULTS = SamplingDefaults(num_inference_steps=100, guidance_scale=5.0, authors_scheduler=True)
 TOY_DEFAULTS = SamplingDefaults(num_inference_steps=25, guidance_scale=5.0, authors_scheduler=False)
+
+
+def _prompts_and_concepts(prompt, concept) -> tuple[list[str], list[Concept]]:
+    """One concept per prompt, or a TypeError/ValueError naming what is wrong with the arguments."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompt must be a string, or a non-empty list of strings, containing S; not {prompt!r}.")
+    concepts = concept if isinstance(concept, list) else [concept] * len(prompts)
+    if not all(isinstance(c, Concept) for c in concepts):
+        wrong = next(c for c in concepts if not isinstance(c, Concept))
+        raise TypeError(f"concept must be what pipe.encode(image, mask) returns (a Concept), or a list of them; "
+                        f"got {type(wrong).__name__} {wrong!r:.60}.")
+    if len(concepts) != len(prompts):
+        raise ValueError(f"Got {len(prompts)} prompts and {len(concepts)} concepts; give one concept, or one per prompt.")
+    return list(prompts), concepts
 
 
 class ELITEPipeline:
@@ -225,10 +243,7 @@ class ELITEPipeline:
     def prompt_embeddings(self, prompt: str | list[str], concept: Concept | list[Concept],
                           token_index: int | list[int] | str = 0, placeholder: str = DEFAULT_PLACEHOLDER) -> torch.Tensor:
         """(batch, 77, text_width): the prompts with the concept's selected words at the placeholder."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        concepts = concept if isinstance(concept, list) else [concept] * len(prompts)
-        if len(concepts) != len(prompts):
-            raise ValueError(f"Got {len(prompts)} prompts and {len(concepts)} concepts; give one concept, or one per prompt.")
+        prompts, concepts = _prompts_and_concepts(prompt, concept)
         words = torch.stack([c.select(token_index) for c in concepts])
         c = self.components
         return encode_prompts_with_words(prompts, words, c.tokenizer, c.text_encoder, placeholder)
@@ -257,6 +272,10 @@ class ELITEPipeline:
         """
         _check_sampling_arguments(num_inference_steps, guidance_scale, local_scale,
                                   self.sd_pipeline.scheduler.config.num_train_timesteps)
+        generators = generator if isinstance(generator, list) else [generator]
+        if generator is not None and not (generators and all(isinstance(g, torch.Generator) for g in generators)):
+            raise TypeError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(42)) or a list "
+                            f"of them, one per image; not {generator!r}.")
         factor = self.sd_pipeline.vae_scale_factor
         kwargs.update(_image_size_options(kwargs, self.components.unet.config.sample_size * factor, factor))
         if isinstance(kwargs.get("negative_prompt"), str):
@@ -284,8 +303,7 @@ class ELITEPipeline:
         rows, each prompt's rows repeated `per_prompt` times; only the conditional rows get tokens."""
         if self.local_mapper is None:
             return None
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        concepts = concept if isinstance(concept, list) else [concept] * len(prompts)
+        prompts, concepts = _prompts_and_concepts(prompt, concept)
         if any(c.local_tokens is None for c in concepts):
             raise ValueError("This concept has no local tokens: encode it with this pipeline (it has a LocalMapper).")
         _, start = tokenize_with_placeholder(self.components.tokenizer, prompts, 1, placeholder)

@@ -19,6 +19,8 @@ from huggingface_hub import PyTorchModelHubMixin
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .arguments import path_argument
+
 
 def _scratch_folder(folder: Path, kind: str) -> Path:
     """A new hidden folder next to `folder` for one write: `.<name>.<kind>-<pid>-<random>`.
@@ -238,7 +240,8 @@ class SafetensorsHubMixin(PyTorchModelHubMixin):
         A local-looking path (`looks_local`) that is not a folder fails at once, instead of being
         tried on the Hub; so do a folder without a readable `config.json`.
         """
-        folder = Path(pretrained_model_name_or_path)
+        folder = path_argument(pretrained_model_name_or_path, "pretrained_model_name_or_path",
+                               f"a saved {cls.__name__} folder or a Hub repository")
         if folder.is_dir():
             _check_config(folder, cls.__name__)
         elif folder.is_file():

@@ -594,3 +594,47 @@ def test_word_and_gate_maps_refuse_what_was_not_captured():
         gate_map(capture, row=1)
     with pytest.raises(ValueError, match="Nothing was recorded"):
         word_map(AttentionCapture(), [3])
+
+
+# --------------------------------------------------------------------------------------------------
+# Every public entry point, given None, [], '', 0, -1, NaN, inf or a missing path: an error raised by
+# this package that names the argument, or a result.
+
+ODD_VALUES = [None, [], "", 0, -1, math.nan, math.inf, "no/such/path.png"]
+
+
+def entry_points(pipe):
+    from elite_tutorial.attention_maps import capture_cross_attention, load_capture
+    from elite_tutorial.explorer import AttentionExplorer
+    concept = pipe.encode(picture())
+    steps = dict(num_inference_steps=1)
+    return {  # name -> (call, words one of which the message must hold)
+        "load_components": (lambda v: load_components(v, device="cpu"), ("preset", "preset_or_path")),
+        "GlobalMapper.from_pretrained": (GlobalMapper.from_pretrained, ("pretrained_model_name_or_path", "folder")),
+        "LocalMapper.from_official": (LocalMapper.from_official, ("checkpoint",)),
+        "load_image": (load_image, ("image",)),
+        "load_mask": (load_mask, ("mask",)),
+        "concept_folder": (concept_folder, ("folder",)),
+        "encode(image)": (pipe.encode, ("image",)),
+        "encode(mask)": (lambda v: pipe.encode(picture(), v), ("mask",)),
+        "pipe(prompt)": (lambda v: pipe(v, concept, **steps), ("prompt",)),
+        "pipe(concept)": (lambda v: pipe("a photo of a S", v, **steps), ("concept",)),
+        "pipe(token_index)": (lambda v: pipe("a photo of a S", concept, token_index=v, **steps), ("token_index",)),
+        "pipe(generator)": (lambda v: pipe("a photo of a S", concept, generator=v, **steps), ("generator",)),
+        "pipe(local_scale)": (lambda v: pipe("a photo of a S", concept, local_scale=v, **steps), ("local_scale",)),
+        "capture_cross_attention": (lambda v: capture_cross_attention(v).__enter__(), ("capture_cross_attention",)),
+        "load_capture": (load_capture, ("path",)),
+        "AttentionExplorer": (lambda v: AttentionExplorer(pipe, v), ("concepts",)),
+    }
+
+
+@pytest.mark.parametrize("value", ODD_VALUES, ids=repr)
+def test_every_entry_point_names_the_argument_or_handles_odd_values(pipe, value):
+    import traceback
+    for name, (call, words) in entry_points(pipe).items():
+        try:
+            call(value)
+        except (TypeError, ValueError, FileNotFoundError) as error:
+            origin = traceback.extract_tb(error.__traceback__)[-1].filename
+            assert "elite_tutorial" in origin, f"{name}({value!r}) failed inside {origin}: {error}"
+            assert any(w in str(error) for w in words), f"{name}({value!r}) does not name its argument: {error}"

@@ -7,7 +7,8 @@
 For every cross-attention (`attn2`) layer, the capture receives softmax(q k^T / sqrt(d)): for each row
 of the UNet batch, each head and each query pixel, a distribution over the prompt's 77 tokens. It keys
 them by layer (whose grid size gives the resolution), head, row and step (one UNet call, with its
-timestep; PNDM, the toy preset's scheduler, takes its first step twice, so 25 steps make 26); under classifier-free guidance the batch is [unconditional; conditional] and
+timestep; PNDM, the toy preset's scheduler, takes its first step twice, so 25 steps make 26); under
+classifier-free guidance the batch is [unconditional; conditional] and
 `capture.conditional_rows` picks the conditional half. With ELITE's local branch it also records the
 gate, w0's normalised map, per layer (rows of the local branch, heads, pixels).
 

@@ -131,7 +131,7 @@ def gate_map(capture: AttentionCapture, row: int = 0, resolution: int | None = N
     def one_layer(layer: str) -> torch.Tensor:
         gate = capture.gate(layer, steps)[row]  # (heads, pixels)
         return gate.mean(0) if head is None else gate[head]
-    return _mean_over_layers(capture, one_layer, resolution, layers, [l for l in capture.layers if l in capture.gate_sums])
+    return _mean_over_layers(capture, one_layer, resolution, layers, [layer for layer in capture.layers if layer in capture.gate_sums])
 
 
 def _check_index(name: str, value, count: int, what: str) -> None:
@@ -144,7 +144,7 @@ def _mean_over_layers(capture: AttentionCapture, one_layer, resolution: int | No
                       candidates: Sequence[str] | None = None) -> torch.Tensor:
     """The mean of `one_layer(layer)` (pixels,) over the layers, each as an image upsampled to the finest one."""
     if layers is None:
-        layers = [l for l in layers_at(capture, resolution) if candidates is None or l in candidates]
+        layers = [layer for layer in layers_at(capture, resolution) if candidates is None or layer in candidates]
     if not layers:
         raise ValueError("No layer to read.")
     grids = [(one_layer(layer).float().reshape(capture.resolution(layer)), capture.resolution(layer)) for layer in layers]

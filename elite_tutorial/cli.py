@@ -21,8 +21,15 @@ import torch
 
 from .arguments import finite_number, whole_number
 from .components import load_components
-from .data import (GLOBAL_VIEWS, TOY_CONTEXT_PROBABILITY, TOY_TARGETS, FixedObjectsSource, OpenImagesMaskSource,
-                   OpenImagesSource, ToyWorldSource)
+from .data import (
+    GLOBAL_VIEWS,
+    TOY_CONTEXT_PROBABILITY,
+    TOY_TARGETS,
+    FixedObjectsSource,
+    OpenImagesMaskSource,
+    OpenImagesSource,
+    ToyWorldSource,
+)
 from .mappers import NUM_LEVELS, GlobalMapper
 from .training import LOCAL_PROFILES, LR_SCHEDULES, PROFILES, check_run_folder, recipe_with, train_global, train_local
 

@@ -27,8 +27,7 @@ from tqdm.auto import tqdm
 from .arguments import whole_number, writable_file
 from .baselines import TI_PROFILES, textual_inversion
 from .components import ASSETS_DIR, load_components
-from .evaluation import (JUDGE_FOLDER, class_word_generator, elite_generator, encode_seconds, score,
-                         textual_inversion_generator)
+from .evaluation import JUDGE_FOLDER, class_word_generator, elite_generator, encode_seconds, score, textual_inversion_generator
 from .mappers import GlobalMapper, LocalMapper
 from .metrics import load_metric_models
 from .pipeline import ELITEPipeline

@@ -32,8 +32,8 @@ from transformers import (
     CLIPVisionModel,
 )
 
-from .data import FAR_PHRASES, IMAGENET_TEMPLATES, NEAR_PHRASES
 from .arguments import path_argument
+from .data import FAR_PHRASES, IMAGENET_TEMPLATES, NEAR_PHRASES
 from .storage import atomic_directory
 from .toyworld.render import ATTRIBUTES, POSITION_PHRASES, PREFIXES
 from .toyworld.tokenizer import build_clip_tokenizer

@@ -324,8 +324,8 @@ class LocalTrainingSource(Protocol):
 
     def local_batch(self, rng: np.random.Generator, size: int, scale_augmentation: bool = True) -> dict:
         """`pixel_values`, `valid_mask`, `clip_pixels`, `object_crop_pixels`, `box_crop_pixels` (the
-        global mapper's views, `LOCAL_BATCH_VIEWS`), `object_pixels`, `object_mask`, `prompts`; targets scale-augmented (`scale_augment`) unless
-        `scale_augmentation` is False."""
+        global mapper's views, `LOCAL_BATCH_VIEWS`), `object_pixels`, `object_mask`, `prompts`; targets
+        scale-augmented (`scale_augment`) unless `scale_augmentation` is False."""
 
     def validation_concepts(self) -> list[tuple[Image.Image, np.ndarray]]:
         """A few fixed (image, mask) pairs to show what the mappers make of them during training."""

@@ -13,9 +13,9 @@ The drawing is the pure function `render(view, generation)`, usable and testable
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -179,7 +179,8 @@ class AttentionExplorer:
         with self._muted():
             labels = self.generation.labels
             self.word.options = labels
-            self.word.value = self.word.value if self.word.value in labels else next((l for l in labels if l.startswith("w")), labels[0])
+            if self.word.value not in labels:
+                self.word.value = next((label for label in labels if label.startswith("w")), labels[0])
             self.steps.max = capture.num_steps - 1
             self.steps.value = (0, capture.num_steps - 1)
             self.resolution.options = [("all", None)] + [(str(r), r) for r in resolutions(capture)]

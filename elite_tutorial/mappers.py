@@ -268,7 +268,8 @@ class _LevelMapper(nn.Module):
 class GlobalMapper(_LevelMapper, SafetensorsHubMixin, paper_url="https://arxiv.org/abs/2302.13848",
                    tags=["elite", "text-to-image", "personalization"],
                    model_card_template=MODEL_CARD.format(branch="global", cls="GlobalMapper",
-                                                         what="CLIP image features -> 5 word embeddings, plus k/v copies of every cross-attention layer")):
+                                                         what="CLIP image features -> 5 word embeddings, plus k/v copies "
+                                                              "of every cross-attention layer")):
     """CLIP feature levels -> word embeddings, plus ELITE's k/v copies of every `attn2` layer.
 
     For level i, word i = `mapping[i]`(class token) + mean over patches of `mapping_patch[i]`(patch
@@ -303,7 +304,8 @@ class GlobalMapper(_LevelMapper, SafetensorsHubMixin, paper_url="https://arxiv.o
 class LocalMapper(_LevelMapper, SafetensorsHubMixin, paper_url="https://arxiv.org/abs/2302.13848",
                   tags=["elite", "text-to-image", "personalization"],
                   model_card_template=MODEL_CARD.format(branch="local", cls="LocalMapper",
-                                                        what="CLIP patch features of the object -> one token per patch, plus k/v copies of every cross-attention layer")):
+                                                        what="CLIP patch features of the object -> one token per patch, "
+                                                             "plus k/v copies of every cross-attention layer")):
     """CLIP feature levels of the object image -> one local token per patch, plus the k/v copies
     (`to_k_local`, `to_v_local`) of ELITE's local attention branch.
 

@@ -194,8 +194,9 @@ class ELITEPipeline:
         empty or unreadable mask raises ValueError) gates the local branch. The global words read
         the view their mapper was trained on (`GlobalMapper.input_view`): the whole image, as in the
         authors' code, or, cut out by the mask, the object alone (`data.object_crop`) or the padded box
-        around it (`data.box_crop`); without a mask, the whole image, with a warning. With a `LocalMapper` and no mask, the whole image counts as
-        the object (with a warning): the local tokens then carry the background too.
+        around it (`data.box_crop`); without a mask, the whole image, with a warning. With a
+        `LocalMapper` and no mask, the whole image counts as the object (with a warning): the local
+        tokens then carry the background too.
         """
         rgb = load_image(image)
         pixels = clip_pixels(rgb, self.image_size)

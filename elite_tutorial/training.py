@@ -57,10 +57,16 @@ from .attention import LocalTokens, elite_attention, set_local_tokens
 from .components import Components
 from .data import LOCAL_BATCH_VIEWS, LocalTrainingSource, TrainingSource, clip_normalise
 from .mappers import NUM_LEVELS, GlobalMapper, LocalMapper, clip_feature_levels, mask_local_tokens
-from .storage import (atomic_directory, foreign_entries, load_optimizer_tensors, optimizer_tensors, refuse_foreign,
-                      save_safetensors_atomic, write_json_atomic)
+from .storage import (
+    atomic_directory,
+    foreign_entries,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    refuse_foreign,
+    save_safetensors_atomic,
+    write_json_atomic,
+)
 from .words import encode_prompts_with_words, tokenize_with_placeholder
-
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 

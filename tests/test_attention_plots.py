@@ -6,8 +6,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from elite_tutorial.attention_maps import AttentionCapture
-from elite_tutorial.attention_plots import (gate_map, injected_word_names, overlay, prompt_words, resolutions,
-                                            word_grid, word_map)
+from elite_tutorial.attention_plots import gate_map, injected_word_names, overlay, prompt_words, resolutions, word_grid, word_map
 
 FINE, COARSE = "down_blocks.0.attn2.processor", "mid_block.attn2.processor"
 

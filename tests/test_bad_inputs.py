@@ -14,8 +14,7 @@ import torch
 from PIL import Image
 from transformers import CLIPTokenizer
 
-from elite_tutorial import load_components
-from elite_tutorial import storage
+from elite_tutorial import load_components, storage, words
 from elite_tutorial.cli import main as elite_train
 from elite_tutorial.components import ASSETS_DIR, default_device_and_dtype
 from elite_tutorial.data import concept_folder, load_image, load_mask
@@ -23,7 +22,6 @@ from elite_tutorial.mappers import GlobalMapper, LocalMapper
 from elite_tutorial.pipeline import ELITEPipeline
 from elite_tutorial.storage import atomic_directory
 from elite_tutorial.training import PROFILES
-from elite_tutorial import words
 from elite_tutorial.words import tokenize_with_placeholder
 
 
@@ -578,6 +576,7 @@ def test_saved_weights_carry_a_checksum_that_refuses_a_damaged_file(tiny, tmp_pa
 
 def test_word_and_gate_maps_refuse_what_was_not_captured():
     from test_attention_plots import synthetic_capture
+
     from elite_tutorial.attention_maps import AttentionCapture
     from elite_tutorial.attention_plots import gate_map, word_map
     capture = synthetic_capture()
@@ -631,10 +630,11 @@ def entry_points(pipe):
 @pytest.mark.parametrize("value", ODD_VALUES, ids=repr)
 def test_every_entry_point_names_the_argument_or_handles_odd_values(pipe, value):
     import traceback
-    for name, (call, words) in entry_points(pipe).items():
+    for name, (call, argument_names) in entry_points(pipe).items():
         try:
             call(value)
         except (TypeError, ValueError, FileNotFoundError) as error:
             origin = traceback.extract_tb(error.__traceback__)[-1].filename
             assert "elite_tutorial" in origin, f"{name}({value!r}) failed inside {origin}: {error}"
-            assert any(w in str(error) for w in words), f"{name}({value!r}) does not name its argument: {error}"
+            assert any(w in str(error) for w in argument_names), f"{name}({value!r}) does not name its argument: {error}"
+

@@ -10,10 +10,21 @@ from elite_tutorial import load_components
 from elite_tutorial.baselines import TI_PROFILES
 from elite_tutorial.comparison import METHODS, compare, table
 from elite_tutorial.components import ASSETS_DIR
-from elite_tutorial.evaluation import (JUDGE_FOLDER, _attribute_agreement, class_word_generator, concept_identity,
-                                       described, described_generator, fidelity_and_editability, sayable_fidelity,
-                                       sayable_inversion_fidelity,
-                                       sayable_objects, score, through_key_values, word_norms)
+from elite_tutorial.evaluation import (
+    JUDGE_FOLDER,
+    _attribute_agreement,
+    class_word_generator,
+    concept_identity,
+    described,
+    described_generator,
+    fidelity_and_editability,
+    sayable_fidelity,
+    sayable_inversion_fidelity,
+    sayable_objects,
+    score,
+    through_key_values,
+    word_norms,
+)
 from elite_tutorial.mappers import GlobalMapper, LocalMapper
 from elite_tutorial.pipeline import ELITEPipeline
 from elite_tutorial.toyworld.concepts import CONCEPTS, concept_by_name, concept_views

@@ -54,9 +54,9 @@ def test_no_encoder_image_shows_a_personal_concept_and_groups_change_one_attribu
     for attribute in ("shape", "colour", "pattern"):
         group = contrast_group(rng, attribute)
         labels = [spec.labels() for spec in group]
-        assert len({l[attribute] for l in labels}) == len(group) >= 3
-        assert all({k: v for k, v in l.items() if k != attribute} == {k: v for k, v in labels[0].items() if k != attribute}
-                   for l in labels)
+        assert len({label[attribute] for label in labels}) == len(group) >= 3
+        assert all({k: v for k, v in label.items() if k != attribute} == {k: v for k, v in labels[0].items() if k != attribute}
+                   for label in labels)
         assert not any(is_held_out(spec.objects[0]) for spec in group)
 
 

@@ -27,7 +27,8 @@ class AuthorsMapper(nn.Module):
     def forward(self, embs):
         hidden_states = ()
         for i, emb in enumerate(embs):
-            hidden_state = getattr(self, f"mapping_{i}")(emb[:, :1]) + getattr(self, f"mapping_patch_{i}")(emb[:, 1:]).mean(dim=1, keepdim=True)
+            hidden_state = (getattr(self, f"mapping_{i}")(emb[:, :1])
+                            + getattr(self, f"mapping_patch_{i}")(emb[:, 1:]).mean(dim=1, keepdim=True))
             hidden_states += (hidden_state,)
         return torch.cat(hidden_states, dim=1)
 

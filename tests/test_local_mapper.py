@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from test_global_mapper import AuthorsMapper, authors_checkpoint
 from torch import nn
 
 from elite_tutorial.attention import LocalTokens, elite_attention, set_local_tokens
 from elite_tutorial.attention_maps import AttentionCapture, capture_cross_attention
 from elite_tutorial.data import concept_folder
 from elite_tutorial.mappers import GlobalMapper, LocalMapper, clip_feature_levels, mask_local_tokens
-from test_global_mapper import AuthorsMapper, authors_checkpoint
 
 
 class AuthorsMapperLocal(AuthorsMapper):

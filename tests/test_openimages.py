@@ -1,10 +1,11 @@
 """Preparing OpenImages: boxes from the segmentation table, and the folder checker flagging what is broken."""
 import csv
 
+from test_data import make_openimages_mask_folder
+
 from elite_tutorial.cli import main as elite_train
 from elite_tutorial.data import OpenImagesSource
 from elite_tutorial.openimages import boxes_from_segmentation, check_folder, main
-from test_data import make_openimages_mask_folder
 
 
 def test_boxes_from_segmentation_give_stage_one_its_table(tmp_path):

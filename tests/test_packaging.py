@@ -1,7 +1,10 @@
-"""environment.yml (conda) and pyproject.toml (pip) must install the same packages."""
+"""environment.yml (conda) and pyproject.toml (pip) must install the same packages; the code stays ruff-clean."""
 import re
-import tomllib
+import subprocess
+import sys
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,3 +29,9 @@ def test_both_lists_are_read_in_full():
     # guards the test above against passing on two empty (mis-parsed) lists
     for requirements in (environment_pip_requirements(), pyproject_requirements()):
         assert {"torch", "diffusers", "transformers", "pytest", "nbval"} <= {re.split(r"[<>=!~ ]", r)[0] for r in requirements}
+
+
+def test_the_code_is_ruff_clean():
+    # the rules are pyproject.toml's [tool.ruff]
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(ROOT)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

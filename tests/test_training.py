@@ -7,15 +7,22 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler
+from test_data import make_openimages_folder
 
 from elite_tutorial.attention import elite_attention
 from elite_tutorial.cli import main as elite_train
 from elite_tutorial.data import OpenImagesSource, ToyWorldSource, clip_normalise
 from elite_tutorial.mappers import GlobalMapper, clip_feature_levels, cross_attention_modules
-from elite_tutorial.training import (PROFILES, _fresh_mapper, _noised_latents, _parameter_groups, learning_rate_factor,
-                                     train_global, training_step_losses)
+from elite_tutorial.training import (
+    PROFILES,
+    _fresh_mapper,
+    _noised_latents,
+    _parameter_groups,
+    learning_rate_factor,
+    train_global,
+    training_step_losses,
+)
 from elite_tutorial.words import encode_prompts_with_words
-from test_data import make_openimages_folder
 
 RECIPE = replace(PROFILES["smoke"], steps=4, checkpoint_every=1, keep_checkpoints=2, validate_every=4)
 
@@ -271,7 +278,8 @@ def test_the_command_starts_from_an_initial_mapper_of_the_same_view(tiny, tmp_pa
         GlobalMapper.from_components(tiny, input_view="object").save_pretrained(tmp_path / "init")
     options = ["global", "--preset", "tiny-random", "--profile", "smoke", "--steps", "2", "--learning-rate", "0"]
     elite_train(options + ["--toy-global-view", "object", "--init-mapper", str(tmp_path / "init"), "--out", str(tmp_path / "run")])
-    initial, trained = state(GlobalMapper.from_pretrained(tmp_path / "init")), state(GlobalMapper.from_pretrained(tmp_path / "run" / "mapper"))
+    initial = state(GlobalMapper.from_pretrained(tmp_path / "init"))
+    trained = state(GlobalMapper.from_pretrained(tmp_path / "run" / "mapper"))
     assert initial.keys() == trained.keys() and all(torch.equal(initial[k], trained[k]) for k in initial)
     elite_train(options + ["--toy-global-view", "object", "--out", str(tmp_path / "fresh")])
     fresh = state(GlobalMapper.from_pretrained(tmp_path / "fresh" / "mapper"))

@@ -41,8 +41,7 @@ from tqdm.auto import tqdm
 
 from ..baselines import TI_PROFILES, textual_inversion
 from ..components import ASSETS_DIR, load_components
-from ..evaluation import (JUDGE_FOLDER, class_word_generator, compound_generator, described_generator, score,
-                          textual_inversion_generator)
+from ..evaluation import JUDGE_FOLDER, class_word_generator, compound_generator, described_generator, score, textual_inversion_generator
 from ..pipeline import TOY_DEFAULTS
 from ..storage import write_json_atomic
 from .concepts import CONCEPTS, IDENTITY, OUT_OF_SPAN, concept_views

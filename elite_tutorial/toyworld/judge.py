@@ -47,7 +47,7 @@ class ToyJudge(nn.Module, SafetensorsHubMixin):
 
 def label_indices(labels: list[dict[str, str]]) -> dict[str, torch.Tensor]:
     """Class indices per attribute for a list of `SceneSpec.labels()` dicts."""
-    return {name: torch.tensor([values.index(l[name]) for l in labels]) for name, values in ATTRIBUTES.items()}
+    return {name: torch.tensor([values.index(label[name]) for label in labels]) for name, values in ATTRIBUTES.items()}
 
 
 def accuracy(judge: ToyJudge, images: np.ndarray, labels: list[dict[str, str]]) -> dict[str, float]:
@@ -56,7 +56,7 @@ def accuracy(judge: ToyJudge, images: np.ndarray, labels: list[dict[str, str]]) 
     predicted = judge.predict(images)
     scores = {}
     for name in ATTRIBUTES:
-        pairs = [(p, l[name]) for p, l in zip(predicted[name], labels) if name in l]
+        pairs = [(p, label[name]) for p, label in zip(predicted[name], labels) if name in label]
         if pairs:
             scores[name] = float(np.mean([p == t for p, t in pairs]))
     return scores

@@ -393,7 +393,8 @@ def train_unet(pool: ScenePool, tokenizer, text_encoder: CLIPTextModel, vae, rec
         per_sample = (prediction - noise).square().flatten(1).mean(1)
         return {"loss_noise": (weight * per_sample).mean()}
 
-    history = train_loop("unet", unet, make_batch, loss_fn, recipe.unet_steps, recipe.unet_lr, recipe, work, device, ema=ema, stop_after=stop_after)
+    history = train_loop("unet", unet, make_batch, loss_fn, recipe.unet_steps, recipe.unet_lr, recipe, work, device, ema=ema,
+                         stop_after=stop_after)
     return ema, history
 
 
@@ -418,7 +419,8 @@ def train_judge(recipe: Recipe, work: Path, device, stop_after=None):
         logits = judge(images)
         return {f"loss_{name}": F.cross_entropy(logits[name], batch[f"label_{name}"]) for name in logits}
 
-    history = train_loop("judge", judge, make_batch, loss_fn, recipe.judge_steps, recipe.judge_lr, recipe, work, device, stop_after=stop_after)
+    history = train_loop("judge", judge, make_batch, loss_fn, recipe.judge_steps, recipe.judge_lr, recipe, work, device,
+                         stop_after=stop_after)
     return judge, history
 
 

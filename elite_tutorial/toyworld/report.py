@@ -29,10 +29,10 @@ from transformers import CLIPModel, CLIPVisionModel
 
 from ..attention_maps import capture_cross_attention, cross_attention_layers, layer_resolution
 from ..components import ASSETS_DIR, Components, load_components
-from .judge import ToyJudge, accuracy
 from ..data import clip_normalise, object_crop
 from ..mappers import clip_feature_levels
 from ..metrics import projected_features
+from .judge import ToyJudge, accuracy
 from .pretrain import HELD_OUT_SEED, shape_contrast_group, tokenize
 from .render import ATTRIBUTES, POSITION_PHRASES, SIZE, caption, exact_scene, images_to_tensor, random_spec
 

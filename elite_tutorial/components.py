@@ -107,13 +107,17 @@ class Components:
         )
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Write every component to `folder/<name>/` (safetensors), atomically.
+        """Write every component to `folder/<name>/` (safetensors), atomically, with diffusers'
+        `model_index.json`.
 
-        The result loads with `load_components(folder)`; a crash midway leaves no partial folder.
+        The result loads with `load_components(folder)`, and as a text-to-image pipeline with
+        `StableDiffusionPipeline.from_pretrained(folder)` (which leaves `image_encoder/` aside); a crash
+        midway leaves no partial folder.
         """
         with atomic_directory(folder, overwrite=False) as staging:
             for f in fields(self):
                 getattr(self, f.name).save_pretrained(staging / f.name)
+            self.text_to_image_pipeline().save_config(staging)  # model_index.json
         return folder
 
 

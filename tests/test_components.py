@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -71,13 +72,22 @@ def outputs(components):
 
 def test_local_folder_round_trip(tiny, tmp_path):
     folder = tiny.save_pretrained(tmp_path / "tiny")
-    assert sorted(os.listdir(folder)) == sorted(components_module.COMPONENT_NAMES)
+    assert sorted(os.listdir(folder)) == sorted([*components_module.COMPONENT_NAMES, "model_index.json"])
     assert list(tmp_path.iterdir()) == [folder]  # no staging folder left behind
     loaded = load_components(folder)
     assert_same_models(tiny, loaded)
     assert type(loaded.scheduler) is type(tiny.scheduler)
     assert {k: v for k, v in loaded.scheduler.config.items() if not k.startswith("_")} == {
         k: v for k, v in tiny.scheduler.config.items() if not k.startswith("_")}
+
+
+def test_a_saved_folder_loads_as_a_diffusers_pipeline_that_draws_the_same(tiny, tmp_path):
+    folder = tiny.save_pretrained(tmp_path / "tiny")
+    loaded = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+
+    def draw(pipe):
+        return pipe("a photo", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    np.testing.assert_array_equal(draw(loaded), draw(tiny.text_to_image_pipeline()))
 
 
 def test_save_refuses_an_existing_folder(tiny, tmp_path):

@@ -295,6 +295,13 @@ def global_view_image(image: Image.Image, mask: np.ndarray | None, view: str) ->
     return object_crop(image, mask) if view == "object" else box_crop(image, mask)
 
 
+def local_batch_views(samples: list[tuple[Image.Image, np.ndarray]], size: int) -> dict[str, torch.Tensor]:
+    """Every global view of (image, mask) samples, (B, 3, size, size) in [0, 1], under its stage-2 batch
+    key (`LOCAL_BATCH_VIEWS`), so a frozen global mapper of any view finds what it reads."""
+    return {key: torch.stack([unit_pixels(global_view_image(image, mask, view), size) for image, mask in samples])
+            for view, key in LOCAL_BATCH_VIEWS.items()}
+
+
 def _to_unit_range(image: Image.Image, size: int) -> torch.Tensor:
     """The UNet's target image: (3, size, size) in [-1, 1]."""
     pixels = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
@@ -446,11 +453,7 @@ class ToyWorldSource:
             object_masks.append(mask)
             prompts.append(with_scale_phrase(toy_prompt_with_placeholder(scene.spec, rng), phrase))
         return {"pixel_values": torch.stack(targets), "valid_mask": torch.stack(valid),
-                "clip_pixels": torch.stack([unit_pixels(Image.fromarray(s.image), self.clip_size) for s in scenes]),
-                "object_crop_pixels": torch.stack([unit_pixels(object_crop(Image.fromarray(s.image), s.masks[0]), self.clip_size)
-                                                   for s in scenes]),
-                "box_crop_pixels": torch.stack([unit_pixels(box_crop(Image.fromarray(s.image), s.masks[0]), self.clip_size)
-                                                for s in scenes]),
+                **local_batch_views([(Image.fromarray(s.image), s.masks[0]) for s in scenes], self.clip_size),
                 "object_pixels": torch.stack(object_pixels), "object_mask": torch.stack(object_masks),
                 "prompts": prompts}
 
@@ -725,9 +728,7 @@ class OpenImagesMaskSource:
             object_masks.append(object_mask)
             prompts.append(with_scale_phrase(IMAGENET_TEMPLATES[rng.integers(len(IMAGENET_TEMPLATES))].format("S"), phrase))
         return {"pixel_values": torch.stack(targets), "valid_mask": torch.stack(valid),
-                "clip_pixels": torch.stack([unit_pixels(crop, self.clip_size) for crop, _ in samples]),
-                "object_crop_pixels": torch.stack([unit_pixels(object_crop(crop, mask), self.clip_size) for crop, mask in samples]),
-                "box_crop_pixels": torch.stack([unit_pixels(box_crop(crop, mask), self.clip_size) for crop, mask in samples]),
+                **local_batch_views(samples, self.clip_size),
                 "object_pixels": torch.stack(object_pixels), "object_mask": torch.stack(object_masks),
                 "prompts": prompts}
 

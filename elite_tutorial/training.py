@@ -235,8 +235,8 @@ def local_step_losses(components: Components, global_mapper: GlobalMapper, local
     values| (the local `to_v` outputs), averaged over the layers.
 
     batch: `pixel_values` (B, 3, H, W) in [-1, 1], `valid_mask` (B, 1, h, w) at latent size,
-    `clip_pixels`, `object_crop_pixels`, `box_crop_pixels` (`data.LOCAL_BATCH_VIEWS`) and `object_pixels` (B, 3, S, S) in
-    [0, 1], `object_mask` (B, S, S), `prompts`.
+    `clip_pixels`, `object_crop_pixels`, `box_crop_pixels` (`data.LOCAL_BATCH_VIEWS`) and
+    `object_pixels` (B, 3, S, S) in [0, 1], `object_mask` (B, S, S), `prompts`.
     """
     c = components
     noisy, noise, timesteps = _noised_latents(c, batch["pixel_values"], noise_scheduler, generator)
@@ -291,6 +291,7 @@ def check_run_folder(out: Path, stage: str, resume: bool) -> None:
     if not resume and out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"{out} already holds a {stage} run ({', '.join(foreign_entries(out, ()))}); pass "
                               "--resume latest to continue it, or choose a new folder.")
+
 
 def _checkpoint_dirs(out: Path) -> list[Path]:
     found = [p for p in (out / "checkpoints").glob("step-*") if re.fullmatch(r"step-\d+", p.name)]

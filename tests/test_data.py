@@ -354,3 +354,14 @@ def test_openimages_masks_give_stage_two_samples(tmp_path):
     assert source.skipped > 0  # the unreadable mask
     with pytest.raises(FileNotFoundError, match="segmentation table"):
         OpenImagesMaskSource(tmp_path)
+
+
+def test_a_stage_two_batch_holds_every_global_view_a_frozen_mapper_may_read():
+    batch = ToyWorldSource(clip_size=32).local_batch(np.random.default_rng(4), 3, scale_augmentation=False)
+    scenes = toy_training_scenes(np.random.default_rng(4), 3)  # the batch's first draws
+    for index, scene in enumerate(scenes):
+        image = Image.fromarray(scene.image)
+        expected = {"clip_pixels": image, "object_crop_pixels": object_crop(image, scene.masks[0]),
+                    "box_crop_pixels": box_crop(image, scene.masks[0])}
+        for key, view in expected.items():
+            assert torch.equal(batch[key][index], unit_pixels(view, 32)), key

@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .arguments import whole_number, writable_file
+from .arguments import finite_number, whole_number, writable_file
 from .attention import elite_attention
 from .baselines import TI_PROFILES, TextualInversionRecipe, textual_inversion
 from .components import ASSETS_DIR, load_components
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--components", default="toy",
                         help="the toy preset, or a toy components folder (e.g. one taught compound words)")
     parser.add_argument("--local-mapper", type=Path, help="also run ELITE's local branch with this LocalMapper")
-    parser.add_argument("--local-scale", type=float, default=0.8, help="λ of the local branch")
+    parser.add_argument("--local-scale", type=finite_number(), default=0.8, help="λ of the local branch")
     parser.add_argument("--concepts", choices=sorted(CONCEPT_SETS), default="test",
                         help="score the sixteen test concepts, or the sixteen validation ones (held out alike) on "
                              "which recipes and checkpoints are chosen")

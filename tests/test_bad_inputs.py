@@ -479,6 +479,7 @@ def test_elite_train_out_must_be_this_stages_run_or_new(tmp_path, capsys, monkey
 
 @pytest.mark.parametrize("command, arguments, message", [
     ("evaluation", ["--samples", "0"], "argument --samples: must be at least 1, not 0"),
+    ("evaluation", ["--local-scale", "nan"], "argument --local-scale: must be a finite number at least 0, not nan"),
     ("evaluation", ["--out", "{tmp}"], "argument --out: .* is a folder; give a file name"),
     ("evaluation", ["--out", "{tmp}/notes.txt/results.json"], "argument --out: cannot write .*notes.txt is a file"),
     ("comparison", ["--concepts", "0"], "argument --concepts: must be at least 1, not 0"),

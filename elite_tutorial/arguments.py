@@ -53,7 +53,7 @@ def writable_file(text: str) -> Path:
 def path_argument(value, name: str, what: str = "a file or folder") -> Path:
     """`value` (a str or os.PathLike) as a Path; anything else, or an empty path, is refused naming
     `name` and what it takes (not with pathlib's "expected str, bytes or os.PathLike")."""
-    if isinstance(value, os.PathLike) or (isinstance(value, str) and not isinstance(value, bool)):
+    if isinstance(value, (str, os.PathLike)):
         if os.fspath(value) == "":
             raise ValueError(f"{name} is an empty path; give the path of {what}.")
         return Path(value)

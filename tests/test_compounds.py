@@ -110,6 +110,19 @@ def test_a_fitted_mapper_beats_a_constant_word_on_held_out_objects():
     assert report["held_out_mse"] < 0.8 * report["held_out_variance"]
 
 
+def test_a_box_view_mapper_is_fitted_on_the_padded_box_around_each_object():
+    """Stage 1 reads the padded box (`--toy-global-view box`); a fitted start for it must read the same."""
+    toy = load_components("toy", device="cpu")
+    boxes, phrases = C._object_views(toy, 4, C.FIT_SEED, view="box")
+    objects, same_phrases = C._object_views(toy, 4, C.FIT_SEED, view="object")
+    assert phrases == same_phrases and boxes[0].shape == objects[0].shape
+    assert not torch.allclose(boxes[0], objects[0])  # the box keeps the background the object view paints out
+    mapper, _ = C.fit_mapper_to_compounds(toy, count=16, epochs=1, held_out=8, progress=False, view="box")
+    assert mapper.input_view == "box"
+    with pytest.raises(ValueError, match="view must be one of"):
+        C.fit_mapper_to_compounds(toy, count=16, epochs=1, held_out=8, progress=False, view="crop")
+
+
 def test_fused_captions_never_show_a_personal_concept(tmp_path, monkeypatch):
     """The compound words a teaching step reads are training identities' only, so a concept's compound
     word is as new to the taught encoder as to a mapper (gate 3)."""

@@ -21,10 +21,12 @@ With `unet_kv`, the UNet's cross-attention keys and values learn beside the text
 k/v copies do; the frozen UNet stays the teacher.
 
 `fit_mapper_to_compounds` asks what ELITE's mapper could carry if it were told the answer: w0 of a
-`GlobalMapper` (the object-alone view) fitted by regression onto each object's compound embedding.
+`GlobalMapper` (reading the object alone or, with `--view box`, the padded box around it) fitted by
+regression onto each object's compound embedding. Such a mapper is also a start for ELITE's training
+(`elite-train global --init-mapper`).
 
     python -m elite_tutorial.toyworld.compounds teach --components assets/toy-sd --out toy-sd-compound
-    python -m elite_tutorial.toyworld.compounds fit-mapper --components toy-sd-compound --out fitted-mapper
+    python -m elite_tutorial.toyworld.compounds fit-mapper --components toy-sd-compound --view box --out fitted-mapper
 
 The shipped toy world does not use them (README, stage 1: compound words).
 """
@@ -47,7 +49,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..components import Components, load_components
-from ..data import clip_pixels, object_crop
+from ..data import GLOBAL_VIEWS, clip_pixels, global_view_image
 from ..mappers import MAPPER_FILES, GlobalMapper, clip_feature_levels, cross_attention_modules
 from ..storage import atomic_directory
 from ..words import DEFAULT_PLACEHOLDER, encode_prompts_with_words
@@ -201,12 +203,12 @@ def teach_compound_words(components_folder: Path, out: Path, recipe: CompoundRec
     return record
 
 
-def _object_views(components: Components, count: int, first_seed: int, skip_concepts: bool = False
-                  ) -> tuple[list[torch.Tensor], list[str]]:
+def _object_views(components: Components, count: int, first_seed: int, skip_concepts: bool = False,
+                  view: str = "object") -> tuple[list[torch.Tensor], list[str]]:
     """The random single-object scenes of seeds `first_seed` onwards, `count` of them (fewer with
-    `skip_concepts`, which leaves out the personal concepts' identities): the CLIP levels of each
-    object alone (what an object-view mapper reads) and the object said in words ('red dotted
-    circle'; solid goes unsaid)."""
+    `skip_concepts`, which leaves out the personal concepts' identities): the CLIP levels of what a
+    mapper reading `view` sees of each (`data.global_view_image`), each level (n, tokens, width), and
+    the object said in words ('red dotted circle'; solid goes unsaid)."""
     size = components.image_encoder.config.image_size
     pixels, phrases = [], []
     for seed in range(first_seed, first_seed + count):
@@ -214,7 +216,7 @@ def _object_views(components: Components, count: int, first_seed: int, skip_conc
         if skip_concepts and is_held_out(spec.objects[0]):
             continue
         image, masks = render(spec)
-        pixels.append(clip_pixels(object_crop(Image.fromarray(image), masks[0]), size))
+        pixels.append(clip_pixels(global_view_image(Image.fromarray(image), masks[0], view), size))
         phrases.append(described(asdict(spec.objects[0])))
     with torch.no_grad():
         levels = [clip_feature_levels(components.image_encoder, batch.to(components.device)) for batch in torch.stack(pixels).split(250)]
@@ -222,18 +224,21 @@ def _object_views(components: Components, count: int, first_seed: int, skip_conc
 
 
 def fit_mapper_to_compounds(components: Components, count: int = 6000, epochs: int = 30, seed: int = 0,
-                            held_out: int = 1000, progress: bool = True) -> tuple[GlobalMapper, dict]:
-    """A `GlobalMapper` (object view) whose w0 is fitted by regression onto each training object's
+                            held_out: int = 1000, progress: bool = True, view: str = "object"
+                            ) -> tuple[GlobalMapper, dict]:
+    """A `GlobalMapper` reading `view` (one of `data.GLOBAL_VIEWS`) whose w0 is fitted by regression onto each training object's
     compound word: the random single-object scenes of `count` seeds (those showing a personal concept
     left out, as from every mapper source), `epochs` passes of AdamW (batch 128), its k/v
     copies the UNet's own. Returns it and {"train_mse", "held_out_mse", "held_out_variance"} (on
     `held_out` held-out scenes; the variance is the targets' per dimension, what a constant word would score)."""
-    levels, phrases = _object_views(components, count, FIT_SEED, skip_concepts=True)  # a mapper source
-    held_levels, held_phrases = _object_views(components, held_out, HELD_OUT_SEED)
+    if view not in GLOBAL_VIEWS:
+        raise ValueError(f"view must be one of {GLOBAL_VIEWS}, not {view!r}.")
+    levels, phrases = _object_views(components, count, FIT_SEED, skip_concepts=True, view=view)  # a mapper source
+    held_levels, held_phrases = _object_views(components, held_out, HELD_OUT_SEED, view=view)
     targets, held_targets = compound_embeddings(components, phrases), compound_embeddings(components, held_phrases)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        mapper = GlobalMapper.from_components(components, input_view="object").float()
+        mapper = GlobalMapper.from_components(components, input_view=view).float()
         order = [torch.randperm(len(phrases)) for _ in range(epochs)]
     parameters = [*mapper.mapping[0].parameters(), *mapper.mapping_patch[0].parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=1e-3)
@@ -267,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     teach.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     fit.add_argument("--count", type=int, default=6000, help="training scenes")
     fit.add_argument("--epochs", type=int, default=30)
+    fit.add_argument("--view", choices=GLOBAL_VIEWS, default="object",
+                     help="what the mapper reads: the object alone or the padded box around it (stage 1's view)")
     args = parser.parse_args(argv)
     command = " ".join(["python -m elite_tutorial.toyworld.compounds", *(sys.argv[1:] if argv is None else argv)])
     if args.command == "teach":
@@ -276,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(record, indent=1))
         return
     components = load_components(args.components, device="cpu", dtype=torch.float32)
-    mapper, report = fit_mapper_to_compounds(components, args.count, args.epochs, args.seed)
+    mapper, report = fit_mapper_to_compounds(components, args.count, args.epochs, args.seed, view=args.view)
     with atomic_directory(args.out, own=(*MAPPER_FILES, "fit.json")) as staging:
         mapper.save_pretrained(staging)
         (staging / "fit.json").write_text(json.dumps({**report, "command": command}, indent=1))

@@ -60,6 +60,19 @@ class LocalTokens:
                              f"{len(self.primary_index)} primary indices; they must match.")
 
 
+def local_gate(probs: torch.Tensor, primary_index: torch.Tensor) -> torch.Tensor:
+    """ELITE's local gate: w0's attention probability at each pixel, per head, in the text branch,
+    divided by its maximum per sample (over that sample's heads and pixels together).
+
+    probs: (rows, heads, pixels, tokens), the text branch's probabilities of the rows with local tokens;
+    primary_index: (rows,) long, w0's position among each row's tokens. Returns (rows, heads, pixels, 1):
+    each sample's largest value is 1.
+    """
+    index = primary_index.to(probs.device).view(-1, 1, 1, 1).expand(-1, *probs.shape[1:3], 1)
+    gate = probs.gather(-1, index)
+    return gate / gate.amax(dim=(1, 2, 3), keepdim=True)
+
+
 class ELITEAttnProcessor:
     """An `attn2` processor whose keys and values come from ELITE's copies `to_k`, `to_v`, with
     ELITE's local branch when given local k/v copies and `local` tokens.
@@ -112,11 +125,8 @@ class ELITEAttnProcessor:
         local = self.local
         rows = local.rows.to(query.device)
         query = query[rows]
-        # the gate: w0's probability at each pixel (per head) in the text branch, over its maximum per sample
         probs = attention_probabilities(query, key[rows], attn.scale, None if attention_mask is None else attention_mask[rows])
-        index = local.primary_index.to(query.device).view(-1, 1, 1, 1).expand(-1, *probs.shape[1:3], 1)
-        gate = probs.gather(-1, index)  # (rows, heads, pixels, 1)
-        gate = gate / gate.amax(dim=(1, 2, 3), keepdim=True)
+        gate = local_gate(probs, local.primary_index)  # w0's map over its maximum per sample: (rows, heads, pixels, 1)
         if local.capture is not None:
             local.capture.record_gate(self.layer, gate[..., 0])
         to_k_local, to_v_local = self.local_kv

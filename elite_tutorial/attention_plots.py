@@ -2,6 +2,7 @@
 
     words = prompt_words(pipe.components.tokenizer, "a photo of a S on the left")   # S = w0
     heat = word_map(capture, words[4].positions)                 # (h, w), rows of the prompt
+    inside_outside_ratio(heat, object_mask)                      # > 1: S is read more on the object
     overlay(image, heat).save("S.png")
     word_grid(image, capture, words).savefig("grid.png")         # the paper's figure: one map per word
 
@@ -117,6 +118,24 @@ def word_map(capture: AttentionCapture, positions: Sequence[int], row: int | Non
         probs = probs.mean(0) if head is None else probs[head]
         return probs[:, columns].sum(-1)
     return _mean_over_layers(capture, one_layer, resolution, layers)
+
+
+def inside_outside_ratio(heat: torch.Tensor | np.ndarray, mask: torch.Tensor | np.ndarray) -> float:
+    """The mean of a map over the object divided by its mean around it: 1 when the map does not prefer
+    the object, above 1 when it looks at the object, below 1 when it looks away.
+
+    heat: (h, w), e.g. a `word_map`. mask: (H, W), True (or 1) on the object, at any resolution: it is
+    resized to the map's grid by area, a cell counting as object when at least half of it is.
+    """
+    heat, mask = (x.detach().cpu().float() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x, dtype=np.float32))
+                  for x in (heat, mask))
+    if heat.dim() != 2 or mask.dim() != 2:
+        raise ValueError(f"heat and mask must be 2-D (h, w) and (H, W); got {tuple(heat.shape)} and {tuple(mask.shape)}.")
+    inside = F.adaptive_avg_pool2d(mask[None, None], tuple(heat.shape))[0, 0] >= 0.5
+    if inside.all() or not inside.any():
+        raise ValueError(f"At the map's {tuple(heat.shape)} grid the mask covers {'every' if inside.any() else 'no'} cell: "
+                         "a ratio needs cells on and off the object.")
+    return float(heat[inside].mean() / heat[~inside].mean())
 
 
 def gate_map(capture: AttentionCapture, row: int = 0, resolution: int | None = None, head: int | None = None,

@@ -73,6 +73,13 @@ def _agreement(predictions: dict[str, list[str]], identity: dict[str, str]) -> n
     return np.mean([[p == identity[name] for p in predictions[name]] for name in IDENTITY], axis=0)
 
 
+def edit_success(predictions: dict[str, list[str]], identity: dict[str, str], attribute: str, wanted: str) -> float:
+    """The share of images that show an edit and keep the concept: the judge reads `attribute` as
+    `wanted` and at least 2 of the concept's 3 identity attributes as the concept's."""
+    edited = np.array([p == wanted for p in predictions[attribute]])
+    return float((edited & (_agreement(predictions, identity) >= 2 / 3)).mean())
+
+
 def _images(output) -> np.ndarray:
     return (output.images * 255).round().astype(np.uint8)
 
@@ -193,9 +200,7 @@ def score(generate: Generate, judge: ToyJudge, concepts=CONCEPTS, samples: int =
         row = {"concept": concept.name, "identity": identity,
                "fidelity": float(_agreement(judge.predict(mine["fidelity"]), identity).mean())}
         for attribute, (_, wanted) in EDITS.items():
-            predictions = judge.predict(mine[attribute])
-            edited = np.array([p == wanted for p in predictions[attribute]])
-            row[f"edit_{attribute}"] = float((edited & (_agreement(predictions, identity) >= 2 / 3)).mean())
+            row[f"edit_{attribute}"] = edit_success(judge.predict(mine[attribute]), identity, attribute, wanted)
         row["editability"] = float(np.mean([row[f"edit_{attribute}"] for attribute in EDITS]))
         if metrics is not None:
             everything = np.concatenate(list(mine.values()))

@@ -129,6 +129,16 @@ def tokenize_with_placeholder(
     return torch.tensor(rows), torch.tensor(starts)
 
 
+def word_norm_ratio(words: torch.Tensor, token_embeddings: torch.Tensor) -> torch.Tensor:
+    """How many times the vocabulary's mean token norm each word's L2 norm is (1: the size of a
+    typical word of the vocabulary).
+
+    words: (..., width) word embeddings; token_embeddings: (vocabulary, width), the text encoder's
+    token-embedding table (`text_encoder.get_input_embeddings().weight`). Returns (...,).
+    """
+    return words.norm(dim=-1) / token_embeddings.norm(dim=-1).mean()
+
+
 @contextmanager
 def injected_token_embeddings(text_encoder: CLIPTextModel, positions: torch.Tensor, words: torch.Tensor):
     """While active, the token-embedding layer's output at `positions` is replaced by `words`.

@@ -2,7 +2,7 @@
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from elite_tutorial.attention import ELITEAttnProcessor, elite_attention, install_elite_attention, remove_elite_attention
+from elite_tutorial.attention import ELITEAttnProcessor, elite_attention, install_elite_attention, local_gate, remove_elite_attention
 from elite_tutorial.attention_maps import AttentionCapture, cross_attention_layers
 from elite_tutorial.mappers import GlobalMapper
 
@@ -100,3 +100,15 @@ def test_capture_records_the_probabilities_without_changing_the_output(tiny):
         probs = capture.probabilities(layer)  # (rows, heads, pixels, tokens)
         assert capture.calls[layer] == 1 and probs.shape[0] == 1 and probs.shape[-1] == 77
         torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))  # rows are distributions
+
+
+def test_local_gate_is_w0s_column_over_each_samples_own_maximum():
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.rand(3, 2, 5, 7, generator=generator).softmax(-1) * torch.tensor([1.0, 2.0, 4.0]).view(-1, 1, 1, 1)
+    primary_index = torch.tensor([1, 4, 6])
+    gate = local_gate(probs, primary_index)
+    assert gate.shape == (3, 2, 5, 1)
+    for row in range(3):
+        column = probs[row, :, :, primary_index[row]]  # (heads, pixels)
+        torch.testing.assert_close(gate[row, ..., 0], column / column.max())
+        assert torch.equal(local_gate(probs[row:row + 1], primary_index[row:row + 1]), gate[row:row + 1])  # batching changes nothing

@@ -6,7 +6,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from elite_tutorial.attention_maps import AttentionCapture
-from elite_tutorial.attention_plots import gate_map, injected_word_names, overlay, prompt_words, resolutions, word_grid, word_map
+from elite_tutorial.attention_plots import (
+    gate_map,
+    injected_word_names,
+    inside_outside_ratio,
+    overlay,
+    prompt_words,
+    resolutions,
+    word_grid,
+    word_map,
+)
 
 FINE, COARSE = "down_blocks.0.attn2.processor", "mid_block.attn2.processor"
 
@@ -49,6 +58,21 @@ def test_word_map_averages_heads_layers_and_steps_of_the_conditional_row():
     torch.testing.assert_close(word_map(capture, [3], row=0, resolution=4), unconditional)
     with pytest.raises(ValueError, match="resolution 8"):
         word_map(capture, [3], resolution=8)
+
+
+def test_inside_outside_ratio_divides_the_mean_on_the_object_by_the_mean_around_it():
+    heat = torch.tensor([[4.0, 4.0, 1.0, 1.0], [4.0, 4.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
+    mask = np.zeros((4, 4), bool)
+    mask[:2, :2] = True
+    assert inside_outside_ratio(heat, mask) == pytest.approx(4.0 / (16.0 / 12.0))
+    fine = np.kron(mask, np.ones((4, 4), bool))  # the same object at 16 x 16: resized to the map's grid by area
+    fine[0, 0] = False  # a cell three quarters object still counts as object
+    assert inside_outside_ratio(heat, fine) == pytest.approx(3.0)
+    assert inside_outside_ratio(torch.ones(4, 4), mask) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="covers no cell"):
+        inside_outside_ratio(heat, np.zeros((4, 4), bool))
+    with pytest.raises(ValueError, match="covers every cell"):
+        inside_outside_ratio(heat, np.ones((16, 16)))
 
 
 def test_gate_map_reads_the_local_branch_rows():

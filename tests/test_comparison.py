@@ -17,6 +17,7 @@ from elite_tutorial.evaluation import (
     concept_identity,
     described,
     described_generator,
+    edit_success,
     fidelity_and_editability,
     sayable_fidelity,
     sayable_inversion_fidelity,
@@ -96,6 +97,16 @@ def test_attribute_agreement_scores_each_image_against_its_own_object():
     objects = [ToyObject("circle", "red", "dotted"), ToyObject("star", "red", "solid")]
     agreement = _attribute_agreement(_FixedJudge(), np.zeros((4, 8, 8, 3), np.uint8), objects)  # 2 samples each
     assert agreement == {"shape": 0.5, "colour": 1.0, "pattern": 0.5, "fidelity": pytest.approx(2 / 3, abs=1e-3)}
+
+
+def test_an_edit_counts_only_where_it_shows_and_the_concept_keeps_two_of_its_three_attributes():
+    identity = {"shape": "heart", "colour": "red", "pattern": "dotted"}
+    predictions = {"position": ["left", "left", "left", "right"],
+                   "shape": ["heart", "star", "star", "heart"],   # image 0 keeps 3, image 1 keeps 2,
+                   "colour": ["red", "red", "blue", "red"],       # image 2 keeps 1, image 3 keeps 3
+                   "pattern": ["dotted", "dotted", "solid", "dotted"]}
+    assert edit_success(predictions, identity, "position", "left") == 0.5  # images 0 and 1; 2 lost it, 3 is not left
+    assert edit_success(predictions, identity, "position", "right") == 0.25
 
 
 def test_sayable_fidelity_reads_the_objects_said_in_words_as_themselves():

@@ -9,8 +9,15 @@ import nbformat
 import pytest
 
 from elite_tutorial.exercises import feedback
-from elite_tutorial.exercises.editions import (CHAPTERS, chapter_notebooks, check_cells, grade, solution_cells,
-                                               student_edition, student_notebook)
+from elite_tutorial.exercises.editions import (
+    CHAPTERS,
+    chapter_notebooks,
+    check_cells,
+    grade,
+    solution_cells,
+    student_edition,
+    student_notebook,
+)
 
 CHECK_CALL = re.compile(r"^check\.(\w+)\((\w+)\)$")
 
@@ -101,13 +108,14 @@ def test_grading_scores_each_exercise_from_its_check_cell(tmp_path):
     import nbgrader.utils
     solved = nbformat.read(chapter_notebooks()[0], as_version=4)
     exercise = [cell for cell in solved.cells if nbgrader.utils.is_solution(cell)][0]
-    check = next(cell for cell in check_cells(solved) if cell.metadata.nbgrader["grade_id"].startswith(exercise.metadata.nbgrader["grade_id"]))
+    exercise_id = exercise.metadata.nbgrader["grade_id"]
+    check = next(cell for cell in check_cells(solved) if cell.metadata.nbgrader["grade_id"] == exercise_id + "-check")
     imports = nbformat.v4.new_code_cell("from elite_tutorial.exercises import chapter00 as check")
     notebook = nbformat.v4.new_notebook(cells=[imports, exercise, check], metadata=solved.metadata)
     nbformat.write(notebook, tmp_path / "solved.ipynb")
     nbformat.write(student_notebook(notebook), tmp_path / "handout.ipynb")
     [right] = grade(tmp_path / "solved.ipynb", timeout=120)
-    assert (right.points, right.max_points) == (1, 1) and right.feedback.startswith("✓ guided_noise")
+    assert (right.points, right.max_points) == (1, 1) and right.feedback.startswith("✓ cross_attention: correct")
     [wrong] = grade(tmp_path / "handout.ipynb", timeout=120)
     assert (wrong.points, wrong.max_points) == (0, 1) and "not written yet" in wrong.feedback
 

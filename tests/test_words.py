@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from elite_tutorial.words import encode_prompts_with_words, tokenize_with_placeholder
+from elite_tutorial.words import encode_prompts_with_words, tokenize_with_placeholder, word_norm_ratio
 
 
 def embedding_of(components, word):
@@ -75,3 +75,10 @@ def test_bad_input_raises_a_clear_error(tiny, prompts, shape, message):
 def test_multi_token_placeholder_is_refused(tiny):
     with pytest.raises(ValueError, match="single token"):
         encode_prompts_with_words("a zigzag", torch.zeros(1, 32), tiny.tokenizer, tiny.text_encoder, placeholder="zigzag")
+
+
+def test_word_norm_ratio_compares_each_word_with_the_mean_vocabulary_norm():
+    vocabulary = torch.tensor([[3.0, 4.0], [0.0, 1.0]])  # norms 5 and 1: mean 3
+    words = torch.tensor([[[6.0, 8.0], [0.0, 3.0]], [[0.0, 0.0], [1.5, 0.0]]])  # (2, 2 words, width)
+    torch.testing.assert_close(word_norm_ratio(words, vocabulary), torch.tensor([[10 / 3, 1.0], [0.0, 0.5]]))
+    assert word_norm_ratio(vocabulary[0], vocabulary).shape == ()

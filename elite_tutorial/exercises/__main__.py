@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{path} is not a notebook file.")
         for score in grade(path, args.timeout):
             total, maximum = total + score.points, maximum + score.max_points
-            print(f"{path.name}  {score.exercise:<32} {score.points:g}/{score.max_points:g}  {score.feedback.splitlines()[0] if score.feedback else ''}")
+            first_line = score.feedback.splitlines()[0] if score.feedback else ""
+            print(f"{path.name}  {score.exercise:<32} {score.points:g}/{score.max_points:g}  {first_line}")
     print(f"total {total:g}/{maximum:g}")
 
 

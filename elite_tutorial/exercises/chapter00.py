@@ -1,13 +1,16 @@
-"""Chapter 00's exercises: the three lines of diffusion sampling a UNet call is wrapped in.
+"""Chapter 00's exercises: a cross-attention layer, and the three lines of diffusion sampling a UNet
+call is wrapped in.
 
 Each check calls the student's function on inputs of its own (fixed seed) and compares it with what
 diffusers computes; see `feedback` for what a failure says."""
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from ..components import ASSETS_DIR
+from ..components import ASSETS_DIR, load_components
 from .feedback import attempt, expect_close, passed
 
 
@@ -64,3 +67,30 @@ def ddim_step(student) -> None:
         expect_close(name, got, expected, what=f"the step from t={int(t)} to t={int(previous)}",
                      hint="first x̂_0 = (x_t − √(1 − ᾱ_t) · ε) / √ᾱ_t, then x_prev = √ᾱ_prev · x̂_0 + √(1 − ᾱ_prev) · ε.")
     passed(name, "The scheduler's step is these two lines")
+
+
+@lru_cache(maxsize=1)
+def _unet():
+    return load_components("toy", device="cpu", dtype=torch.float32).unet
+
+
+def cross_attention(student) -> None:
+    """`cross_attention(attn, hidden_states, context)` -> what a UNet's `attn2` layer returns: queries
+    from the latent pixels (B, pixels, channels), keys and values from the prompt (B, tokens, width),
+    split into `attn.heads` heads, softmax(q kᵀ / √d) v, heads joined, then `attn.to_out`."""
+    name = "cross_attention"
+    unet = _unet()
+    generator = torch.Generator().manual_seed(3)
+    for layer in ("down_blocks.0.attentions.0.transformer_blocks.0.attn2", "mid_block.attentions.0.transformer_blocks.0.attn2"):
+        attn = unet.get_submodule(layer)
+        hidden_states = torch.randn(2, 16, attn.to_q.in_features, generator=generator)
+        context = torch.randn(2, 7, attn.to_k.in_features, generator=generator)
+        with torch.no_grad():
+            expected = attn(hidden_states, encoder_hidden_states=context)  # diffusers' own processor
+            got = attempt(name, student, attn, hidden_states.clone(), context.clone())
+        expect_close(name, got, expected, what=f"the output of {layer.split('.transformer_blocks')[0]}'s attn2",
+                     hint="q = attn.to_q(hidden_states), k = attn.to_k(context), v = attn.to_v(context); view each as "
+                          "(B, length, heads, d) and move heads before length; weights = softmax(q @ kᵀ / √d) over the "
+                          "tokens (the last axis); out = weights @ v, heads joined back to (B, pixels, heads · d); then "
+                          "attn.to_out[0] (a Linear) and attn.to_out[1] (dropout).")
+    passed(name, "Each pixel's output is a mix of the prompt tokens' values, weighted by how well its query meets their keys")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -67,6 +68,16 @@ def attention_probabilities(query: torch.Tensor, key: torch.Tensor, scale: float
     return (scores + (attention_mask if attention_mask is not None else 0)).float().softmax(dim=-1)
 
 
+def _token_positions(tokens) -> list[int]:
+    """A capture's `tokens` (a list, tuple, array or tensor of positions) as a list of ints, or a
+    ValueError that says what it takes."""
+    positions = tokens.tolist() if hasattr(tokens, "tolist") else tokens
+    if not (isinstance(positions, (list, tuple)) and positions and all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0 for t in positions)):
+        raise ValueError(f"tokens must be None (every token) or a non-empty list of token positions >= 0, not {tokens!r}.")
+    return [int(t) for t in positions]
+
+
 class AttentionCapture:
     """Cross-attention probabilities (and ELITE's local gate) recorded over the UNet calls of a generation.
 
@@ -76,7 +87,7 @@ class AttentionCapture:
     """
 
     def __init__(self, tokens: Sequence[int] | None = None, keep_steps: bool = False, guided: bool = False):
-        self.tokens = None if tokens is None else [int(t) for t in tokens]
+        self.tokens = None if tokens is None else _token_positions(tokens)
         self.keep_steps, self.guided = keep_steps, guided
         self.sums: dict[str, torch.Tensor] = {}          # layer -> (rows, heads, pixels, kept tokens) float32
         self.steps: dict[str, list[torch.Tensor]] = {}   # layer -> per call, the same in float16 on the CPU
@@ -90,6 +101,9 @@ class AttentionCapture:
 
     def record(self, layer: str, probs: torch.Tensor) -> None:
         """Add one call's probabilities (rows, heads, pixels, tokens) of `layer`."""
+        if self.tokens is not None and max(self.tokens) >= probs.shape[-1]:
+            raise ValueError(f"tokens {self.tokens} reach past the prompt's {probs.shape[-1]} token positions "
+                             f"(0 to {probs.shape[-1] - 1}).")
         kept = (probs if self.tokens is None else probs[..., self.tokens]).detach().float()
         _accumulate(self.sums, self.steps if self.keep_steps else None, layer, kept)
         self.calls[layer] = self.calls.get(layer, 0) + 1
@@ -268,6 +282,10 @@ def capture_cross_attention(target, tokens: Sequence[int] | None = None, keep_st
     if not isinstance(unet, UNet2DConditionModel):
         raise TypeError(f"capture_cross_attention needs an ELITEPipeline, a diffusers pipeline or a UNet; got {type(target).__name__}.")
     capture = AttentionCapture(tokens, keep_steps, bool(guided))
+    tokenizer = getattr(getattr(target, "components", diffusers_pipeline), "tokenizer", None)
+    if capture.tokens is not None and tokenizer is not None and max(capture.tokens) >= tokenizer.model_max_length:
+        raise ValueError(f"tokens {capture.tokens} reach past a prompt's {tokenizer.model_max_length} token positions "
+                         f"(0 to {tokenizer.model_max_length - 1}).")
 
     def on_call(module, args, kwargs):
         if guided is None and hasattr(diffusers_pipeline, "do_classifier_free_guidance"):

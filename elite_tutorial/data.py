@@ -65,6 +65,8 @@ def clip_normalise(pixels01: torch.Tensor) -> torch.Tensor:
 
 def _open(source: ImageLike, what: str) -> Image.Image:
     if isinstance(source, Image.Image):
+        if 0 in source.size:
+            raise ValueError(f"The {what} has no pixels (size {source.size}).")
         return _upright(source)
     if isinstance(source, (np.ndarray, torch.Tensor)):
         return _from_array(source, what)
@@ -106,6 +108,8 @@ def _from_array(array: np.ndarray | torch.Tensor, what: str) -> Image.Image:
         array = array[..., 0]
     if array.ndim != 2 and not (array.ndim == 3 and array.shape[-1] in (3, 4)):
         raise ValueError(f"An {what} array must be (H, W), (H, W, C) or (C, H, W) with 1, 3 or 4 channels; got shape {shape}.")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"The {what} array has no pixels (shape {shape}).")
     if array.dtype.kind == "f":
         low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
         if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 255:

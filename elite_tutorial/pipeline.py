@@ -82,6 +82,9 @@ def _whole(value, minimum: int = 1) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= minimum
 
 
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")  # what StableDiffusionPipeline returns
+
+
 def _check_sampling_arguments(num_inference_steps, guidance_scale, local_scale, max_steps: int) -> None:
     """Refuse the values diffusers would run with, silently wrong: no steps (noise comes out), more
     steps than the scheduler has timesteps (every step the same timestep, without end), or a NaN or
@@ -279,6 +282,8 @@ class ELITEPipeline:
                             f"of them, one per image; not {generator!r}.")
         factor = self.sd_pipeline.vae_scale_factor
         kwargs.update(_image_size_options(kwargs, self.components.unet.config.sample_size * factor, factor))
+        if kwargs.get("output_type", "pil") not in OUTPUT_TYPES:  # diffusers would warn and return numpy
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, not {kwargs['output_type']!r}.")
         if isinstance(kwargs.get("negative_prompt"), str):
             check_known_words(self.components.tokenizer, kwargs["negative_prompt"])
         prompt_embeds = self.prompt_embeddings(prompt, concept, token_index, placeholder)

@@ -639,3 +639,30 @@ def test_every_entry_point_names_the_argument_or_handles_odd_values(pipe, value)
             assert "elite_tutorial" in origin, f"{name}({value!r}) failed inside {origin}: {error}"
             assert any(w in str(error) for w in argument_names), f"{name}({value!r}) does not name its argument: {error}"
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Round 2, a second catalogue: what a first pass over the entry points still let through.
+
+def test_an_image_without_pixels_is_refused():
+    for image in (np.zeros((0, 0, 3), np.uint8), np.zeros((4, 0), np.uint8), Image.new("RGB", (0, 5))):
+        with pytest.raises(ValueError, match="no pixels"):
+            load_image(image)
+
+
+def test_an_unknown_output_type_is_refused_not_replaced(pipe):
+    """diffusers warns and returns numpy for output_type='jpeg'; a user asking for a file type gets told."""
+    concept = pipe.encode(np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"output_type must be one of \('pil', 'np', 'pt', 'latent'\), not 'jpeg'"):
+        pipe("a photo of a S", concept, num_inference_steps=1, output_type="jpeg")
+
+
+def test_capture_tokens_are_refused_when_empty_or_past_the_prompt_before_generating(pipe):
+    from elite_tutorial.attention_maps import AttentionCapture, capture_cross_attention
+    for tokens in ([], [-1], [True], "0", [1.5]):
+        with pytest.raises(ValueError, match="tokens must be None"):
+            AttentionCapture(tokens)
+    assert AttentionCapture(np.array([2, 3])).tokens == [2, 3] and AttentionCapture(torch.tensor([4])).tokens == [4]
+    with pytest.raises(ValueError, match=r"tokens \[500\] reach past a prompt's 77 token positions"):
+        with capture_cross_attention(pipe, tokens=[500]):
+            pass

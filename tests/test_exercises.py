@@ -98,9 +98,12 @@ def test_the_student_edition_holds_stubs_and_no_solution_or_output(tmp_path):
         assert all(cell.metadata.get("editable") is False for cell in check_cells(notebook))
 
 
-def test_the_student_edition_refuses_to_overwrite_the_solved_chapters():
-    with pytest.raises(ValueError, match="solved chapters' folder"):
-        student_edition(chapter_notebooks()[0].parent)
+def test_the_student_edition_refuses_to_write_into_the_solved_chapters_folder():
+    solved = chapter_notebooks()[0].parent
+    for out in (solved, solved / "handout"):  # overwritten, or collected by nbval as chapters
+        with pytest.raises(ValueError, match="inside the solved chapters' folder"):
+            student_edition(out)
+    assert not (solved / "handout").exists()
 
 
 def test_grading_scores_each_exercise_from_its_check_cell(tmp_path):

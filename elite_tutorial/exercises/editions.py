@@ -48,11 +48,13 @@ def student_notebook(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
 
 def student_edition(out: Path, notebooks: list[Path] | None = None) -> list[Path]:
     """Write the student edition of `notebooks` (default: every chapter with exercises) into `out`,
-    which must not be the solved chapters' folder. Returns the files written."""
+    a folder outside the solved chapters' one. Returns the files written."""
     notebooks = chapter_notebooks() if notebooks is None else [Path(path) for path in notebooks]
     out = Path(out)
-    if any(out.resolve() == path.resolve().parent for path in notebooks):
-        raise ValueError(f"--out {out} is the solved chapters' folder: the stubs would replace the solutions. Choose another folder.")
+    for folder in {path.resolve().parent for path in notebooks}:
+        if out.resolve() == folder or folder in out.resolve().parents:
+            raise ValueError(f"--out {out} is inside the solved chapters' folder {folder}: the stubs would replace the "
+                             "solutions or be run as chapters. Choose a folder outside it.")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in notebooks:

@@ -252,11 +252,17 @@ def test_batch_workers_build_the_same_batches(tiny, tmp_path):
     assert logs[0] == logs[1]
 
 
-def test_gradient_checkpointing_changes_memory_not_results(tiny, tmp_path):
+def test_gradient_checkpointing_changes_memory_not_results(tiny, tmp_path, monkeypatch):
+    """The UNet's blocks run through torch's checkpoint (counted) only when asked, with the same result."""
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
     recipe = replace(RECIPE, steps=2, validate_every=100)
     plain = state(train_global(tiny, source(), tmp_path / "plain", recipe))
+    assert not calls
     checkpointed = state(train_global(tiny, source(), tmp_path / "checkpointed", recipe, gradient_checkpointing=True))
     tiny.unet.disable_gradient_checkpointing()
+    assert calls  # recomputed in the backward pass: checkpointing was on
     assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
 
 

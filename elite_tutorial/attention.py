@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,30 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from .attention_maps import AttentionCapture, attention_probabilities, cross_attention_layers
+
+class AttentionRecorder(Protocol):
+    """What the processors report to (`attention_maps.AttentionCapture`): the processors depend on
+    this, the capture on the processors, never the reverse."""
+
+    def record(self, layer: str, probs: torch.Tensor) -> None: ...
+
+    def record_gate(self, layer: str, gate: torch.Tensor) -> None: ...
+
+
+def cross_attention_layers(unet: UNet2DConditionModel) -> list[str]:
+    """Processor names of every cross-attention (`attn2`) layer, in UNet order."""
+    return [name for name in unet.attn_processors if name.endswith("attn2.processor")]
+
+
+def attention_probabilities(query: torch.Tensor, key: torch.Tensor, scale: float,
+                            attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask), the probabilities the fused kernel never materialises.
+
+    query (n, heads, pixels, d), key (n, heads, tokens, d) -> (n, heads, pixels, tokens), in fp32
+    whatever the inputs' dtype (as CUDA autocast computes softmax, and the CPU then does too).
+    """
+    scores = query @ key.transpose(-1, -2) * scale
+    return (scores + (attention_mask if attention_mask is not None else 0)).float().softmax(dim=-1)
 
 
 @dataclass
@@ -45,14 +69,15 @@ class LocalTokens:
         authors' code.
     primary_index: (rows,) long, the position of w0 among each of those rows' prompt tokens.
     scale: λ; 1 in training, 0.8 by default at inference. 0 leaves the text branch's result exactly.
-    capture: an `AttentionCapture` that records the gate (rows, heads, pixels) per layer, or None.
+    capture: an `AttentionRecorder` (an `attention_maps.AttentionCapture`) that records the gate
+        (rows, heads, pixels) per layer, or None.
     """
 
     tokens: torch.Tensor
     rows: torch.Tensor
     primary_index: torch.Tensor
     scale: float = 0.8
-    capture: AttentionCapture | None = None
+    capture: AttentionRecorder | None = None
 
     def __post_init__(self):
         if not (len(self.tokens) == len(self.rows) == len(self.primary_index)):
@@ -81,11 +106,11 @@ class ELITEAttnProcessor:
     `F.scaled_dot_product_attention`), with `attn.to_k`/`attn.to_v` swapped for the copies.
     """
 
-    def __init__(self, layer: str, to_k: nn.Linear, to_v: nn.Linear, replaced, capture: AttentionCapture | None = None,
+    def __init__(self, layer: str, to_k: nn.Linear, to_v: nn.Linear, replaced, capture: AttentionRecorder | None = None,
                  local_kv: tuple[nn.Linear, nn.Linear] | None = None):
         self.layer, self.to_k, self.to_v = layer, to_k, to_v
         self.replaced = replaced  # the processor this one stands in for; restored on removal
-        self.capture = capture    # an AttentionCapture: the explicit path, which hands it the probabilities
+        self.capture = capture    # an AttentionRecorder: the explicit path, which hands it the probabilities
         self.local_kv = local_kv  # (to_k_local, to_v_local) of a LocalMapper, or None
         self.local: LocalTokens | None = None
 
@@ -154,7 +179,7 @@ def _check_supported(unet: UNet2DConditionModel, layer: str) -> None:
         raise ValueError(f"{layer}: ELITE's processor supports Stable Diffusion's cross-attention; this layer uses {unsupported}.")
 
 
-def install_elite_attention(unet: UNet2DConditionModel, mapper, capture: AttentionCapture | None = None,
+def install_elite_attention(unet: UNet2DConditionModel, mapper, capture: AttentionRecorder | None = None,
                             local_mapper=None) -> None:
     """Give every `attn2` layer an `ELITEAttnProcessor` with the mapper's k/v copies (idempotent).
     With `capture`, each layer hands it its attention probabilities on every call (see
@@ -189,7 +214,7 @@ def remove_elite_attention(unet: UNet2DConditionModel) -> None:
 
 
 @contextmanager
-def elite_attention(unet: UNet2DConditionModel, mapper, capture: AttentionCapture | None = None, local_mapper=None,
+def elite_attention(unet: UNet2DConditionModel, mapper, capture: AttentionRecorder | None = None, local_mapper=None,
                     local: LocalTokens | None = None) -> Iterator[UNet2DConditionModel]:
     """ELITE's processors inside the block; the UNet's previous processors, exactly, after it.
     `capture`, `local_mapper`: see `install_elite_attention`; `local`: see `set_local_tokens`."""

@@ -27,7 +27,7 @@ import json
 import math
 import numbers
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,12 +37,9 @@ from diffusers.models.attention_processor import Attention
 from safetensors.torch import load_file
 
 from .arguments import path_argument
+from .attention import ELITEAttnProcessor, attention_probabilities
+from .attention import cross_attention_layers as cross_attention_layers  # where the capture's users find it
 from .storage import save_safetensors_atomic
-
-
-def cross_attention_layers(unet: UNet2DConditionModel) -> list[str]:
-    """Processor names of every cross-attention (`attn2`) layer, in UNet order."""
-    return [name for name in unet.attn_processors if name.endswith("attn2.processor")]
 
 
 def layer_resolution(unet: UNet2DConditionModel, processor_name: str) -> int:
@@ -57,22 +54,14 @@ def layer_resolution(unet: UNet2DConditionModel, processor_name: str) -> int:
     return side // 2 ** (len(unet.config.block_out_channels) - 1 - block)
 
 
-def attention_probabilities(query: torch.Tensor, key: torch.Tensor, scale: float,
-                            attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale + mask), the probabilities the fused kernel never materialises.
-
-    query (n, heads, pixels, d), key (n, heads, tokens, d) -> (n, heads, pixels, tokens), in fp32
-    whatever the inputs' dtype (as CUDA autocast computes softmax, and the CPU then does too).
-    """
-    scores = query @ key.transpose(-1, -2) * scale
-    return (scores + (attention_mask if attention_mask is not None else 0)).float().softmax(dim=-1)
-
-
 def _token_positions(tokens) -> list[int]:
-    """A capture's `tokens` (a list, tuple, array or tensor of positions) as a list of ints, or a
-    ValueError that says what it takes."""
-    positions = tokens.tolist() if hasattr(tokens, "tolist") else tokens
-    if not (isinstance(positions, (list, tuple)) and positions and all(
+    """A capture's `tokens` (a list, tuple, range, array or tensor of positions) as a list of ints, or
+    a ValueError that says what it takes."""
+    if hasattr(tokens, "tolist"):
+        positions = tokens.tolist()
+    else:
+        positions = list(tokens) if isinstance(tokens, Iterable) and not isinstance(tokens, (str, bytes)) else None
+    if not (isinstance(positions, list) and positions and all(
             isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0 for t in positions)):
         raise ValueError(f"tokens must be None (every token) or a non-empty list of token positions >= 0, not {tokens!r}.")
     return [int(t) for t in positions]
@@ -315,8 +304,6 @@ def _pipeline_reports_to(pipeline, capture: AttentionCapture) -> Iterator[None]:
 @contextmanager
 def _processors_report_to(unet: UNet2DConditionModel, capture: AttentionCapture) -> Iterator[None]:
     """ELITE processors already installed report to `capture`; other attn2 layers get a capturing one."""
-    from .attention import ELITEAttnProcessor  # noqa: PLC0415 (attention imports this module)
-
     previous = unet.attn_processors
     elite_captures = {name: p.capture for name, p in previous.items() if isinstance(p, ELITEAttnProcessor)}
     processors = {}

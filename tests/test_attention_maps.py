@@ -1,4 +1,6 @@
 """Capturing cross-attention: what is recorded is what the layers computed, and nothing stays behind."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -122,3 +124,55 @@ def test_capture_refuses_what_has_no_unet():
     with pytest.raises(TypeError, match="UNet"):
         with capture_cross_attention(object()):
             pass
+
+
+REFERENCES = Path(__file__).parent / "references"
+
+
+def reference_captures() -> dict:
+    """Two small generations on the tiny-random preset (half the default size, the prompt's first six
+    tokens), captured with every step kept: ELITE's pipeline with the local branch (maps and gate),
+    and the plain text-to-image pipeline (chapters 00 and 04)."""
+    from elite_tutorial import load_components
+    from elite_tutorial.mappers import LocalMapper
+    from elite_tutorial.pipeline import ELITEPipeline
+
+    torch.manual_seed(0)
+    components = load_components("tiny-random", device="cpu")
+    pipe = ELITEPipeline(components, GlobalMapper.from_components(components), LocalMapper.from_components(components))
+    pipe.sd_pipeline.set_progress_bar_config(disable=True)
+    image = torch.linspace(0, 1, 3 * 32 * 32).reshape(3, 32, 32)
+    mask = torch.zeros(32, 32, dtype=torch.bool)
+    mask[8:24, 8:24] = True
+    concept = pipe.encode(image, mask)
+    size = dict(height=components.unet.config.sample_size * pipe.sd_pipeline.vae_scale_factor // 2)
+    size["width"] = size["height"]
+    with capture_cross_attention(pipe, tokens=range(6), keep_steps=True) as elite_capture:
+        pipe("a photo of a S", concept, num_inference_steps=2, local_scale=0.8, generator=torch.Generator().manual_seed(0),
+             output_type="np", **size)
+    plain_pipe = components.text_to_image_pipeline()
+    plain_pipe.set_progress_bar_config(disable=True)
+    with capture_cross_attention(plain_pipe, tokens=range(6), keep_steps=True) as plain_capture:
+        plain_pipe("a photo of a circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np",
+                   **size)
+    return {"elite": elite_capture, "plain": plain_capture}
+
+
+def test_captured_maps_equal_the_saved_reference():
+    """What a capture records, through ELITE's processors and through the capturing one, is pinned by
+    files written with `python tests/test_attention_maps.py` (the processors' maths must not move)."""
+    for name, capture in reference_captures().items():
+        reference = load_capture(REFERENCES / f"capture_{name}.safetensors")
+        assert capture.layers == reference.layers and capture.timesteps == reference.timesteps
+        assert bool(capture.gate_sums) == (name == "elite")
+        for recorded, pinned in ((capture.sums, reference.sums), (capture.gate_sums, reference.gate_sums),
+                                 (capture.steps, reference.steps), (capture.gate_steps, reference.gate_steps)):
+            assert recorded.keys() == pinned.keys()
+            for layer in recorded:
+                torch.testing.assert_close(recorded[layer], pinned[layer], atol=1e-5, rtol=1e-4)
+
+
+if __name__ == "__main__":
+    REFERENCES.mkdir(exist_ok=True)
+    for name, capture in reference_captures().items():
+        print("wrote", capture.save(REFERENCES / f"capture_{name}.safetensors"))

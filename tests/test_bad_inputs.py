@@ -663,6 +663,7 @@ def test_capture_tokens_are_refused_when_empty_or_past_the_prompt_before_generat
         with pytest.raises(ValueError, match="tokens must be None"):
             AttentionCapture(tokens)
     assert AttentionCapture(np.array([2, 3])).tokens == [2, 3] and AttentionCapture(torch.tensor([4])).tokens == [4]
+    assert AttentionCapture(range(2)).tokens == [0, 1] and AttentionCapture((5,)).tokens == [5]
     with pytest.raises(ValueError, match=r"tokens \[500\] reach past a prompt's 77 token positions"):
         with capture_cross_attention(pipe, tokens=[500]):
             pass

@@ -42,7 +42,7 @@ from .baselines import TI_PROFILES, TextualInversionRecipe, textual_inversion
 from .components import ASSETS_DIR, load_components
 from .mappers import GlobalMapper, LocalMapper
 from .metrics import MetricModels, clip_i, clip_t, dino_i, with_class_word
-from .pipeline import TOY_DEFAULTS, ELITEPipeline, SamplingDefaults
+from .pipeline import DEFAULT_LOCAL_SCALE, TOY_DEFAULTS, ELITEPipeline, SamplingDefaults
 from .storage import write_json_atomic
 from .toyworld.compounds import compound_embeddings
 from .toyworld.concepts import CONCEPT_SETS, CONCEPTS, Concept, PersonalConcept, concept_views
@@ -90,8 +90,8 @@ Generate = Callable[[str], np.ndarray]
 
 
 def elite_generator(pipe: ELITEPipeline, concepts=CONCEPTS, samples: int = 8, seed: int = 0,
-                    local_scale: float = 0.8) -> Generate:
-    """ELITE (w0; the local branch at λ = `local_scale` if the pipeline has a local mapper), each
+                    local_scale: float | None = None) -> Generate:
+    """ELITE (w0; the local branch at λ = `local_scale`, default 0.8, if the pipeline has a local mapper), each
     concept encoded once from its first view and that view's mask."""
     pipe.sd_pipeline.set_progress_bar_config(disable=True)
     encoded = [pipe.encode(*concept_views(c)[0]) for c in concepts]
@@ -295,7 +295,7 @@ def sayable_inversion_fidelity(components, judge: ToyJudge, samples: int = 8, se
 
 @torch.no_grad()
 def fidelity_and_editability(pipe: ELITEPipeline, judge: ToyJudge, concepts=CONCEPTS, samples: int = 8,
-                             seed: int = 0, local_scale: float = 0.8, with_baseline: bool = True) -> dict:
+                             seed: int = 0, local_scale: float | None = None, with_baseline: bool = True) -> dict:
     """ELITE (w0) fidelity and editability vs the class-word baseline, over `concepts` (see module doc).
 
     Each concept is encoded from its first view and that view's mask (the mask feeds a global mapper
@@ -314,7 +314,8 @@ def fidelity_and_editability(pipe: ELITEPipeline, judge: ToyJudge, concepts=CONC
         summary["fidelity_gain_over_baseline"] = round(summary["fidelity"] - summary["baseline_fidelity"], 3)
     summary.update({key: value for key, value in elite["summary"].items() if key.startswith("edit")})
     return {"summary": summary, "concepts": rows, "samples_per_prompt": samples, "steps": pipe.defaults.num_inference_steps,
-            "guidance_scale": pipe.defaults.guidance_scale, "local_scale": local_scale if pipe.local_mapper is not None else None}
+            "guidance_scale": pipe.defaults.guidance_scale,
+            "local_scale": None if pipe.local_mapper is None else DEFAULT_LOCAL_SCALE if local_scale is None else local_scale}
 
 
 @torch.no_grad()
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--components", default="toy",
                         help="the toy preset, or a toy components folder (e.g. one taught compound words)")
     parser.add_argument("--local-mapper", type=Path, help="also run ELITE's local branch with this LocalMapper")
-    parser.add_argument("--local-scale", type=finite_number(), default=0.8, help="λ of the local branch")
+    parser.add_argument("--local-scale", type=finite_number(), help="λ of the local branch (default 0.8; needs --local-mapper)")
     parser.add_argument("--concepts", choices=sorted(CONCEPT_SETS), default="test",
                         help="score the sixteen test concepts, or the sixteen validation ones (held out alike) on "
                              "which recipes and checkpoints are chosen")
@@ -370,6 +371,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="also score Textual Inversion on ten of those objects (minutes each; see "
                              "sayable_inversion_fidelity)")
     args = parser.parse_args(argv)
+    if args.local_scale and not args.local_mapper:
+        parser.error("--local-scale scales the local branch: give --local-mapper too.")
     components = load_components(args.components, device=args.device, dtype=torch.float32)
     local_mapper = LocalMapper.from_pretrained(args.local_mapper) if args.local_mapper else None
     pipe = ELITEPipeline(components, GlobalMapper.from_pretrained(args.mapper), local_mapper)

@@ -59,7 +59,7 @@ class View:
     scale: int = 4
 
 
-def generate(pipe: ELITEPipeline, concept: Concept, prompt: str, local_scale: float = 0.8, seed: int = 0,
+def generate(pipe: ELITEPipeline, concept: Concept, prompt: str, local_scale: float | None = None, seed: int = 0,
              **kwargs) -> Generation:
     """Generate one image of `concept` in `prompt` with every step's attention captured (prompt tokens only)."""
     words = prompt_words(pipe.components.tokenizer, prompt)

@@ -83,6 +83,7 @@ def _whole(value, minimum: int = 1) -> bool:
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")  # what StableDiffusionPipeline returns
+DEFAULT_LOCAL_SCALE = 0.8  # λ at inference, as the authors' sampling scripts use
 
 
 def _check_sampling_arguments(num_inference_steps, guidance_scale, local_scale, max_steps: int) -> None:
@@ -94,7 +95,7 @@ def _check_sampling_arguments(num_inference_steps, guidance_scale, local_scale, 
         raise ValueError(f"num_inference_steps must be a whole number from 1 to {max_steps} (the scheduler's training "
                          f"timesteps), not {steps!r} (leave it out for the default).")
     for name, value in (("guidance_scale", guidance_scale), ("local_scale", local_scale)):
-        if (value is not None or name == "local_scale") and not (
+        if value is not None and not (
                 isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, not {value!r}"
                              + (" (leave it out for the default; 1 or less turns guidance off)." if name == "guidance_scale"
@@ -102,7 +103,7 @@ def _check_sampling_arguments(num_inference_steps, guidance_scale, local_scale, 
     if guidance_scale is not None and guidance_scale > 30:
         warnings.warn(f"guidance_scale {guidance_scale} is far above the usual 5 to 10: expect burnt, saturated images.",
                       stacklevel=3)
-    if local_scale > 2:
+    if local_scale is not None and local_scale > 2:
         warnings.warn(f"local_scale (λ) {local_scale} is above 2: the local branch will swamp the words "
                       "(the authors use 0.6 to 1).", stacklevel=3)
 
@@ -122,6 +123,19 @@ def _image_size_options(kwargs: dict, default: int, factor: int) -> dict:
     if count is not None and not _whole(count):
         raise ValueError(f"num_images_per_prompt must be a whole number of at least 1, not {count!r}.")
     return sizes
+
+
+def _check_latents(kwargs: dict, prompts: int, channels: int, factor: int) -> None:
+    """Given starting `latents` must be (prompts x images per prompt, channels, height / factor,
+    width / factor); diffusers would start from them whatever their shape and return images of it."""
+    latents = kwargs.get("latents")
+    if latents is None:
+        return
+    wanted = (prompts * (kwargs.get("num_images_per_prompt") or 1), channels, kwargs["height"] // factor, kwargs["width"] // factor)
+    if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != wanted:
+        got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"latents must be a tensor of shape {wanted} (images, channels, height / {factor}, width / {factor}), "
+                         f"not {got}.")
 
 
 def _refuse_non_finite(what: str, values) -> None:
@@ -262,12 +276,12 @@ class ELITEPipeline:
         guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
         placeholder: str = DEFAULT_PLACEHOLDER,
-        local_scale: float = 0.8,
+        local_scale: float | None = None,
         **kwargs,
     ):
         """Generate images of `concept` in `prompt` (which contains the placeholder `S` once).
 
-        `local_scale`: λ of the local branch (with a `LocalMapper`; 0 = global only).
+        `local_scale`: λ of the local branch (with a `LocalMapper`; default 0.8, 0 = global only).
         Cross-attention maps and the local gate are recorded with
         `attention_maps.capture_cross_attention(pipe)` around the call.
 
@@ -276,12 +290,17 @@ class ELITEPipeline:
         """
         _check_sampling_arguments(num_inference_steps, guidance_scale, local_scale,
                                   self.sd_pipeline.scheduler.config.num_train_timesteps)
+        if local_scale and self.local_mapper is None:  # silently global-only otherwise
+            raise ValueError(f"local_scale={local_scale} asks for the local branch, but this pipeline has no LocalMapper: "
+                             "build it with ELITEPipeline(components, global_mapper, local_mapper), or leave local_scale out.")
+        local_scale = DEFAULT_LOCAL_SCALE if local_scale is None else local_scale
         generators = generator if isinstance(generator, list) else [generator]
         if generator is not None and not (generators and all(isinstance(g, torch.Generator) for g in generators)):
             raise TypeError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(42)) or a list "
                             f"of them, one per image; not {generator!r}.")
         factor = self.sd_pipeline.vae_scale_factor
         kwargs.update(_image_size_options(kwargs, self.components.unet.config.sample_size * factor, factor))
+        _check_latents(kwargs, len(_prompts_and_concepts(prompt, concept)[0]), self.components.unet.config.in_channels, factor)
         if kwargs.get("output_type", "pil") not in OUTPUT_TYPES:  # diffusers would warn and return numpy
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, not {kwargs['output_type']!r}.")
         if isinstance(kwargs.get("negative_prompt"), str):

@@ -667,3 +667,29 @@ def test_capture_tokens_are_refused_when_empty_or_past_the_prompt_before_generat
     with pytest.raises(ValueError, match=r"tokens \[500\] reach past a prompt's 77 token positions"):
         with capture_cross_attention(pipe, tokens=[500]):
             pass
+
+
+def test_a_local_scale_without_a_local_mapper_is_refused_not_ignored(tiny, pipe):
+    global_only = ELITEPipeline(tiny, pipe.global_mapper)
+    concept = global_only.encode(np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="local_scale=0.5 asks for the local branch, but this pipeline has no LocalMapper"):
+        global_only("a photo of a S", concept, local_scale=0.5, num_inference_steps=1, output_type="np")
+    global_only("a photo of a S", concept, local_scale=0, num_inference_steps=1, output_type="np")  # off: allowed
+
+
+def test_starting_latents_of_the_wrong_shape_are_refused(pipe):
+    """diffusers starts from any latents it is given and returns images of their size."""
+    concept = pipe.encode(np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"latents must be a tensor of shape \(2, 4, 16, 16\) .* not \(1, 4, 3, 3\)"):
+        pipe("a photo of a S", concept, latents=torch.zeros(1, 4, 3, 3), num_images_per_prompt=2, num_inference_steps=1)
+    images = pipe("a photo of a S", concept, latents=torch.zeros(2, 4, 16, 16), num_images_per_prompt=2, num_inference_steps=1,
+                  output_type="np").images
+    assert images.shape == (2, 32, 32, 3)
+
+
+def test_an_overlay_of_a_broken_map_is_refused():
+    from elite_tutorial.attention_plots import overlay
+    with pytest.raises(ValueError, match="finite .* NaN or infinite"):
+        overlay(np.zeros((8, 8, 3), np.uint8), torch.full((4, 4), float("nan")))
+    with pytest.raises(ValueError, match=r"got shape \(4,\)"):
+        overlay(np.zeros((8, 8, 3), np.uint8), torch.ones(4))

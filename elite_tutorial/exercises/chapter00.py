@@ -5,13 +5,12 @@ Each check calls the student's function on inputs of its own (fixed seed) and co
 diffusers computes; see `feedback` for what a failure says."""
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from ..components import ASSETS_DIR, load_components
+from ..components import ASSETS_DIR
 from .feedback import attempt, expect_close, passed
+from .inputs import toy_components
 
 
 def _scheduler_config() -> dict:
@@ -69,17 +68,12 @@ def ddim_step(student) -> None:
     passed(name, "The scheduler's step is these two lines")
 
 
-@lru_cache(maxsize=1)
-def _unet():
-    return load_components("toy", device="cpu", dtype=torch.float32).unet
-
-
 def cross_attention(student) -> None:
     """`cross_attention(attn, hidden_states, context)` -> what a UNet's `attn2` layer returns: queries
     from the latent pixels (B, pixels, channels), keys and values from the prompt (B, tokens, width),
     split into `attn.heads` heads, softmax(q kᵀ / √d) v, heads joined, then `attn.to_out`."""
     name = "cross_attention"
-    unet = _unet()
+    unet = toy_components().unet
     generator = torch.Generator().manual_seed(3)
     for layer in ("down_blocks.0.attentions.0.transformer_blocks.0.attn2", "mid_block.attentions.0.transformer_blocks.0.attn2"):
         attn = unet.get_submodule(layer)

@@ -6,7 +6,7 @@ compares it with what the package computes; see `feedback` for what a failure sa
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import lru_cache, wraps
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -19,39 +19,23 @@ from ..mappers import GlobalMapper
 from ..training import PROFILES, training_step_losses
 from ..words import injected_token_embeddings, placeholder_token_id, tokenize_with_placeholder
 from .feedback import attempt, expect, expect_close, passed
-
-
-def _own_rng(check):
-    """Run `check` on a copy of the global RNG: building models draws from it, and the chapter's later
-    cells draw the same numbers whether or not the checks ran."""
-    @wraps(check)
-    def run(student) -> None:
-        with torch.random.fork_rng(devices=[]):
-            check(student)
-    return run
-
-
-@lru_cache(maxsize=1)
-def _components():
-    from .. import load_components  # noqa: PLC0415 (loaded once, by the first check that needs it)
-
-    return load_components("toy", device="cpu")
+from .inputs import keeps_global_rng, toy_components
 
 
 def _fresh_mapper(seed: int = 0) -> GlobalMapper:
     """A new global mapper for the toy components, its weights drawn from `seed` (the global RNG untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return GlobalMapper.from_components(_components()).eval()
+        return GlobalMapper.from_components(toy_components()).eval()
 
 
-@_own_rng
+@keeps_global_rng
 def level_word(student) -> None:
     """`level_word(level, mapping, mapping_patch)` -> one level's word: level (B, 1 + patches, vision_width),
     the class token first; the two MLPs of that level. Returns (B, 1, text_width)."""
     name = "level_word"
     mapper = _fresh_mapper()
-    config = _components().image_encoder.config
+    config = toy_components().image_encoder.config
     patches = (config.image_size // config.patch_size) ** 2
     generator = torch.Generator().manual_seed(1)
     levels = [torch.randn(3, 1 + patches, mapper.vision_width, generator=generator) for _ in range(mapper.num_levels)]
@@ -66,12 +50,12 @@ def level_word(student) -> None:
     passed(name, "Five levels, five such words: that is GlobalMapper.forward")
 
 
-@_own_rng
+@keeps_global_rng
 def inject_words(student) -> None:
     """`inject_words(token_embeddings, input_ids, placeholder_id, words)` -> a copy of the token embeddings
     (B, 77, width) with the placeholder's positions in `input_ids` (B, 77) holding `words` (B, n, width), in order."""
     name = "inject_words"
-    c = _components()
+    c = toy_components()
     placeholder = placeholder_token_id(c.tokenizer)
     embedding = c.text_encoder.get_input_embeddings()
     generator = torch.Generator().manual_seed(2)
@@ -99,17 +83,17 @@ def inject_words(student) -> None:
 @lru_cache(maxsize=1)
 def _training_batch() -> dict:
     """Two toy training samples, as the stage-1 loop draws them (fixed seed)."""
-    size = _components().image_encoder.config.image_size
+    size = toy_components().image_encoder.config.image_size
     return ToyWorldSource(clip_size=size).batch(np.random.default_rng(3), 2)
 
 
-@_own_rng
+@keeps_global_rng
 def stage1_losses(student) -> None:
     """`stage1_losses(components, mapper, batch, reg_weight, noise_scheduler, generator)` -> {"loss_mle",
     "loss_reg"}, scalars with gradients to the mapper; batch: "pixel_values" (B, 3, H, W) in [-1, 1],
     "clip_pixels" (B, 3, S, S) in [0, 1], "prompts" (B strings with S). ELITE's processors are installed."""
     name = "stage1_losses"
-    c = _components()
+    c = toy_components()
     mapper = GlobalMapper.from_pretrained(ASSETS_DIR / "toy-global-mapper").to(c.device)
     recipe = replace(PROFILES["toy"], reg_weight=0.05)  # not the usual 0.01: the weight must come from the argument
     scheduler = DDPMScheduler.from_config(c.scheduler.config)

@@ -5,7 +5,7 @@ Each check calls the student's function on inputs of its own (fixed seed, the to
 compares it with what the package computes; see `feedback` for what a failure says."""
 from __future__ import annotations
 
-from functools import lru_cache, wraps
+from functools import lru_cache
 
 import torch
 
@@ -14,32 +14,15 @@ from ..attention_plots import inside_outside_ratio as package_inside_outside_rat
 from ..attention_plots import word_map
 from ..words import word_norm_ratio as package_word_norm_ratio
 from .feedback import attempt, expect_close, passed
+from .inputs import keeps_global_rng, toy_components
 
 
-def _own_rng(check):
-    """Run `check` on a copy of the global RNG: the chapter's later cells draw the same numbers whether
-    or not the checks ran."""
-    @wraps(check)
-    def run(student) -> None:
-        with torch.random.fork_rng(devices=[]):
-            check(student)
-    return run
-
-
-@lru_cache(maxsize=1)
-def _components():
-    from .. import load_components  # noqa: PLC0415 (loaded once, by the first check that needs it)
-
-    with torch.random.fork_rng(devices=[]):
-        return load_components("toy", device="cpu")
-
-
-@_own_rng
+@keeps_global_rng
 def word_norm_ratio(student) -> None:
     """`word_norm_ratio(words, token_embeddings)` -> each word's norm over the vocabulary's mean token norm:
     words (..., width), token_embeddings (vocabulary, width). Returns (...,)."""
     name = "word_norm_ratio"
-    table = _components().text_encoder.get_input_embeddings().weight.detach()
+    table = toy_components().text_encoder.get_input_embeddings().weight.detach()
     generator = torch.Generator().manual_seed(0)
     scales = torch.tensor([0.3, 1.0, 5.0, 20.0, 70.0])[:, None] * table.norm(dim=-1).mean() / table.shape[1] ** 0.5
     words = torch.randn(4, 5, table.shape[1], generator=generator) * scales  # (4 concepts, 5 words, width)
@@ -56,7 +39,7 @@ def word_norm_ratio(student) -> None:
 def _capture() -> AttentionCapture:
     """The cross-attention of one toy UNet call on a 16 x 8 latent (a grid that is not square) with a
     plain prompt: every layer's probabilities, rows (1), heads, pixels, 77 tokens."""
-    c = _components()
+    c = toy_components()
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         generator = torch.Generator().manual_seed(1)
         ids = c.tokenizer(["a photo of a red heart on the left"], padding="max_length", return_tensors="pt").input_ids
@@ -66,7 +49,7 @@ def _capture() -> AttentionCapture:
     return capture
 
 
-@_own_rng
+@keeps_global_rng
 def word_attention_map(student) -> None:
     """`word_attention_map(probs, positions, height, width)` -> the word's map (height, width): probs (heads,
     pixels, tokens) of one layer and one row, pixels in raster order; positions: the word's token positions."""
@@ -85,7 +68,7 @@ def word_attention_map(student) -> None:
     passed(name, "word_map does this for every layer of a resolution, and averages them")
 
 
-@_own_rng
+@keeps_global_rng
 def inside_outside_ratio(student) -> None:
     """`inside_outside_ratio(heat, mask)` -> mean of heat over the object / mean elsewhere: heat (h, w),
     mask (h, w) bool, True on the object. Returns a scalar."""

@@ -13,10 +13,11 @@ from PIL import Image
 from ..attention import ELITEAttnProcessor, LocalTokens
 from ..attention import local_gate as package_local_gate
 from ..attention_maps import attention_probabilities
-from ..components import ASSETS_DIR, load_components
+from ..components import ASSETS_DIR
 from ..data import clip_pixels
 from ..mappers import GlobalMapper, LocalMapper, clip_feature_levels, mask_local_tokens
 from .feedback import _as_tensor, attempt, expect, expect_close, passed
+from .inputs import toy_components
 
 LAYER = "up_blocks.2.attentions.1.transformer_blocks.0.attn2"  # a 16 × 16 layer of the toy UNet
 
@@ -24,7 +25,7 @@ LAYER = "up_blocks.2.attentions.1.transformer_blocks.0.attn2"  # a 16 × 16 laye
 @lru_cache(maxsize=1)
 def _toy():
     """The toy components and the shipped mappers (loaded once per session)."""
-    components = load_components("toy", device="cpu")
+    components = toy_components()
     return (components, GlobalMapper.from_pretrained(ASSETS_DIR / "toy-global-mapper").eval(),
             LocalMapper.from_pretrained(ASSETS_DIR / "toy-local-mapper").eval())
 

@@ -11,8 +11,8 @@ import torch
 
 from ..attention_maps import AttentionCapture, capture_cross_attention
 from ..attention_plots import word_map
-from ..components import load_components
 from .feedback import _as_tensor, attempt, expect, expect_close, passed
+from .inputs import toy_components
 
 PROMPT = "a photo of a dog on the left"
 DOG = 5  # the token position of "dog" (0 is the start token)
@@ -23,7 +23,7 @@ LAYER = "up_blocks.2.attentions.1.transformer_blocks.0.attn2.processor"  # a fin
 def _capture() -> tuple[AttentionCapture, torch.Tensor, torch.Tensor, float]:
     """A capture of one toy UNet call, and the query and key of `LAYER` in it as its `to_q` and `to_k`
     produced them, split into heads: (2, heads, pixels, d) and (2, heads, 77, d); and the layer's scale."""
-    components = load_components("toy", device="cpu")
+    components = toy_components()
     unet, tokenizer = components.unet, components.tokenizer
     ids = tokenizer(["", PROMPT], padding="max_length", max_length=tokenizer.model_max_length,
                     return_tensors="pt").input_ids

@@ -90,12 +90,15 @@ class AttentionCapture:
 
     def record(self, layer: str, probs: torch.Tensor) -> None:
         """Add one call's probabilities (rows, heads, pixels, tokens) of `layer`."""
-        if self.tokens is not None and max(self.tokens) >= probs.shape[-1]:
-            raise ValueError(f"tokens {self.tokens} reach past the prompt's {probs.shape[-1]} token positions "
-                             f"(0 to {probs.shape[-1] - 1}).")
+        self.check_tokens_fit(probs.shape[-1])
         kept = (probs if self.tokens is None else probs[..., self.tokens]).detach().float()
         _accumulate(self.sums, self.steps if self.keep_steps else None, layer, kept)
         self.calls[layer] = self.calls.get(layer, 0) + 1
+
+    def check_tokens_fit(self, length: int) -> None:
+        """Refuse kept token positions that reach past a prompt of `length` tokens."""
+        if self.tokens is not None and max(self.tokens) >= length:
+            raise ValueError(f"tokens {self.tokens} reach past a prompt's {length} token positions (0 to {length - 1}).")
 
     def record_gate(self, layer: str, gate: torch.Tensor) -> None:
         """Add one call's local-branch gate (local rows, heads, pixels) of `layer`."""
@@ -272,9 +275,8 @@ def capture_cross_attention(target, tokens: Sequence[int] | None = None, keep_st
         raise TypeError(f"capture_cross_attention needs an ELITEPipeline, a diffusers pipeline or a UNet; got {type(target).__name__}.")
     capture = AttentionCapture(tokens, keep_steps, bool(guided))
     tokenizer = getattr(getattr(target, "components", diffusers_pipeline), "tokenizer", None)
-    if capture.tokens is not None and tokenizer is not None and max(capture.tokens) >= tokenizer.model_max_length:
-        raise ValueError(f"tokens {capture.tokens} reach past a prompt's {tokenizer.model_max_length} token positions "
-                         f"(0 to {tokenizer.model_max_length - 1}).")
+    if tokenizer is not None:  # known before generating; a bare UNet's prompt length is known at its first call
+        capture.check_tokens_fit(tokenizer.model_max_length)
 
     def on_call(module, args, kwargs):
         if guided is None and hasattr(diffusers_pipeline, "do_classifier_free_guidance"):

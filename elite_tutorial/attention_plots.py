@@ -178,9 +178,10 @@ def overlay(image: Image.Image | np.ndarray, heat: torch.Tensor | np.ndarray, op
     """`heat` (h, w), scaled to [0, 1] by its maximum and coloured, blended over `image` at `opacity`."""
     base = Image.fromarray(_uint8(image)).convert("RGB")
     heat = torch.as_tensor(np.asarray(heat, dtype=np.float32))
-    if heat.dim() != 2 or not torch.isfinite(heat).all():
+    finite = bool(torch.isfinite(heat).all())
+    if heat.dim() != 2 or not finite:
         raise ValueError(f"heat must be a finite (h, w) map; got shape {tuple(heat.shape)}"
-                         f"{'' if torch.isfinite(heat).all() else ' with NaN or infinite values'}.")
+                         f"{'' if finite else ' with NaN or infinite values'}.")
     heat = F.interpolate(heat[None, None], size=(base.height, base.width), mode="bilinear", align_corners=False)[0, 0]
     heat = (heat.clamp(min=0) / heat.max().clamp(min=1e-12)).numpy()
     coloured = (matplotlib.colormaps[cmap](heat)[..., :3] * 255).astype(np.uint8)

@@ -30,7 +30,7 @@ from .components import ASSETS_DIR, load_components
 from .evaluation import JUDGE_FOLDER, class_word_generator, elite_generator, encode_seconds, score, textual_inversion_generator
 from .mappers import GlobalMapper, LocalMapper
 from .metrics import load_metric_models
-from .pipeline import ELITEPipeline
+from .pipeline import DEFAULT_LOCAL_SCALE, ELITEPipeline
 from .storage import write_json_atomic
 from .toyworld.concepts import CONCEPTS, concept_views
 from .toyworld.judge import ToyJudge
@@ -57,7 +57,7 @@ def compare(components, global_mapper: GlobalMapper, local_mapper: LocalMapper, 
         "Textual Inversion": textual_inversion_generator(
             components, torch.stack([ti.embedding for ti in inversions]), samples, seed, defaults),
         "ELITE global": elite_generator(global_pipe, concepts, samples, seed),
-        "ELITE global + local": elite_generator(local_pipe, concepts, samples, seed, local_scale=0.8),
+        "ELITE global + local": elite_generator(local_pipe, concepts, samples, seed, local_scale=DEFAULT_LOCAL_SCALE),
     }
     seconds = {"class word": 0.0, "Textual Inversion": float(np.mean([ti.seconds for ti in inversions])),
                "ELITE global": float(np.mean(seconds_to_encode)), "ELITE global + local": float(np.mean(seconds_to_encode))}

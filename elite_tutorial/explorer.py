@@ -24,7 +24,7 @@ from PIL import Image
 
 from .attention_maps import AttentionCapture, capture_cross_attention
 from .attention_plots import PromptWord, gate_map, overlay, prompt_words, resolutions, word_map
-from .pipeline import Concept, ELITEPipeline
+from .pipeline import DEFAULT_LOCAL_SCALE, Concept, ELITEPipeline
 
 GATE = "local gate"  # the word list's entry for ELITE's local gate
 
@@ -119,7 +119,7 @@ class AttentionExplorer:
         self.upload_image = w.FileUpload(accept="image/*", description="image")
         self.upload_mask = w.FileUpload(accept="image/*", description="mask")
         self.prompt = w.Text(value=prompt, description="prompt", layout=w.Layout(width="420px"))
-        self.local_scale = w.FloatSlider(value=0.8 if has_local else 0.0, min=0, max=1, step=0.1, description="λ",
+        self.local_scale = w.FloatSlider(value=DEFAULT_LOCAL_SCALE if has_local else 0.0, min=0, max=1, step=0.1, description="λ",
                                          disabled=not has_local)
         self.seed = w.IntText(value=seed, description="seed")
         self.generate_button = w.Button(description="Generate", button_style="primary")

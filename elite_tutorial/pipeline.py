@@ -99,7 +99,7 @@ def _check_sampling_arguments(num_inference_steps, guidance_scale, local_scale, 
                 isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, not {value!r}"
                              + (" (leave it out for the default; 1 or less turns guidance off)." if name == "guidance_scale"
-                                else " (0 turns the local branch off; the default is 0.8)."))
+                                else f" (0 turns the local branch off; the default is {DEFAULT_LOCAL_SCALE})."))
     if guidance_scale is not None and guidance_scale > 30:
         warnings.warn(f"guidance_scale {guidance_scale} is far above the usual 5 to 10: expect burnt, saturated images.",
                       stacklevel=3)

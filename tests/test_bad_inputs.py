@@ -667,6 +667,10 @@ def test_capture_tokens_are_refused_when_empty_or_past_the_prompt_before_generat
     with pytest.raises(ValueError, match=r"tokens \[500\] reach past a prompt's 77 token positions"):
         with capture_cross_attention(pipe, tokens=[500]):
             pass
+    unet = pipe.components.unet  # a bare UNet: the prompt's length is known at its first call
+    with pytest.raises(ValueError, match=r"tokens \[80\] reach past a prompt's 77 token positions"):
+        with capture_cross_attention(unet, tokens=[80]), torch.no_grad():
+            unet(torch.zeros(1, 4, 16, 16), 0, encoder_hidden_states=torch.zeros(1, 77, unet.config.cross_attention_dim))
 
 
 def test_a_local_scale_without_a_local_mapper_is_refused_not_ignored(tiny, pipe):

@@ -70,14 +70,16 @@ def test_linear_probe_reads_what_is_there_and_nothing_else():
 
 def test_mapper_input_probe_on_the_shipped_encoder():
     encoder = load_components("toy", device="cpu").image_encoder
-    probe = mapper_input_probe(encoder, count=600)
-    assert set(probe) == {"shape", "colour", "pattern", "position", "background"}
-    assert probe["shape"]["chance"] == 0.2 and probe["background"]["chance"] == round(1 / 7, 3)
-    assert probe["colour"]["accuracy"] > 0.9 and probe["background"]["accuracy"] > 0.9
-    assert all(row["accuracy"] > row["chance"] for row in probe.values())
-    cut_out = mapper_input_probe(encoder, count=600, view="object")  # the object alone fills the view:
-    assert cut_out["shape"]["accuracy"] > probe["shape"]["accuracy"] + 0.1  # its shape is read better,
-    assert cut_out["position"]["accuracy"] < probe["position"]["accuracy"] - 0.2  # its place is gone
+    scene = mapper_input_probe(encoder, count=600)
+    assert set(scene) == {"shape", "colour", "pattern", "position", "background"}
+    assert scene["shape"]["chance"] == 0.2 and scene["background"]["chance"] == round(1 / 7, 3)
+    assert all(row["accuracy"] > row["chance"] for row in scene.values())
+    assert scene["background"]["accuracy"] > 0.9 and scene["position"]["accuracy"] > 0.7  # the whole scene: where, on what
+    # the v2 encoder learnt on the box around the object: shown the object alone, it reads its identity,
+    cut_out = mapper_input_probe(encoder, count=600, view="object")
+    assert min(cut_out[attribute]["accuracy"] for attribute in ("shape", "colour", "pattern")) > 0.9
+    assert cut_out["shape"]["accuracy"] > scene["shape"]["accuracy"] + 0.3  # far better than from the scene,
+    assert cut_out["position"]["accuracy"] < scene["position"]["accuracy"] - 0.2  # and its place is gone
 
 
 class _ShapeReadingCLIP(torch.nn.Module):

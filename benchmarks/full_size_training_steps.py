@@ -24,8 +24,9 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler
 
 from elite_tutorial.attention import elite_attention
-from elite_tutorial.components import SD14_SCHEDULER_CONFIG, TINY_WORDS, Components, sd14_architecture
+from elite_tutorial.components import SD14_SCHEDULER_CONFIG, Components, sd14_architecture
 from elite_tutorial.mappers import GlobalMapper, LocalMapper
+from elite_tutorial.toyworld.models import TINY_WORDS
 from elite_tutorial.toyworld.tokenizer import build_clip_tokenizer
 from elite_tutorial.training import LOCAL_PROFILES, PROFILES, local_step_losses, training_step_losses
 

@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from elite_tutorial.attention import elite_attention
-from elite_tutorial.components import TINY_WORDS, sd14_architecture
+from elite_tutorial.components import sd14_architecture
 from elite_tutorial.mappers import GlobalMapper, clip_feature_levels
+from elite_tutorial.toyworld.models import TINY_WORDS
 from elite_tutorial.toyworld.tokenizer import build_clip_tokenizer
 from elite_tutorial.words import encode_prompts_with_words
 

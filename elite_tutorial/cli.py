@@ -21,16 +21,9 @@ import torch
 
 from .arguments import finite_number, whole_number
 from .components import load_components
-from .data import (
-    GLOBAL_VIEWS,
-    TOY_CONTEXT_PROBABILITY,
-    TOY_TARGETS,
-    FixedObjectsSource,
-    OpenImagesMaskSource,
-    OpenImagesSource,
-    ToyWorldSource,
-)
+from .data import GLOBAL_VIEWS, OpenImagesMaskSource, OpenImagesSource
 from .mappers import NUM_LEVELS, GlobalMapper
+from .toyworld.sources import TOY_CONTEXT_PROBABILITY, TOY_TARGETS, FixedObjectsSource, ToyWorldSource
 from .training import LOCAL_PROFILES, LR_SCHEDULES, PROFILES, check_run_folder, recipe_with, train_global, train_local
 
 

@@ -8,7 +8,7 @@ function, `load_components_from_folders`, from folders on disk:
 |---------------|-----------------------------------------------------------------------|-----------|
 | `toy`         | the miniature Stable Diffusion pretrained by this project (`assets/`) | never     |
 | `sd14`        | `CompVis/stable-diffusion-v1-4` + `openai/clip-vit-large-patch14`     | yes, once |
-| `tiny-random` | seeded random tiny models built from configs in code (unit tests)     | never     |
+| `tiny-random` | seeded random tiny models (`tests/tiny-random`, unit tests)           | never     |
 | a folder path | what `Components.save_pretrained` writes (diffusers layout + `image_encoder/`) | never |
 
 `sd14_architecture()` builds the full-size sd14 UNet and CLIP ViT-L/14 towers with random weights
@@ -33,10 +33,7 @@ from transformers import (
 )
 
 from .arguments import path_argument
-from .data import FAR_PHRASES, IMAGENET_TEMPLATES, NEAR_PHRASES
 from .storage import atomic_directory
-from .toyworld.render import ATTRIBUTES, POSITION_PHRASES, PREFIXES
-from .toyworld.tokenizer import build_clip_tokenizer
 
 PRESET_ENV_VAR = "ELITE_PRESET"
 DEFAULT_PRESET = "toy"
@@ -269,56 +266,28 @@ def _load_toy(device=None, dtype=None) -> Components:
     return load_components_folder(TOY_FOLDER, device, dtype)
 
 
-# The words the tiny-random tokenizer knows as single tokens (anything else splits into characters):
-# a few of its own, the toy world's and the training captions', so that every prompt a test builds is
-# made of known words (`words.tokenize_with_placeholder` refuses a word this vocabulary lacks).
-TINY_WORDS = sorted(
-    set("a an the photo picture of in on with and S dog cat background".split())
-    | {word for values in ATTRIBUTES.values() for word in values}
-    | {word for phrase in (*POSITION_PHRASES.values(), *PREFIXES, *IMAGENET_TEMPLATES, *FAR_PHRASES, *NEAR_PHRASES)
-       for word in phrase.replace("{}", "").split()}
-)
+TINY_RANDOM_FOLDER = ASSETS_DIR.parent / "tests" / "tiny-random"  # beside the tests it serves; assets/ keeps the toy world
 
 
-def _build_tiny_random(device=None, dtype=None) -> Components:
+def _load_tiny_random(device=None, dtype=None) -> Components:
     """Seeded random miniature models in the same classes and roles as sd14 (unit tests only).
 
     Sizes: text width 32; vision width 32 with 6 layers (feature levels, see `mappers`), 32 px
     images in 4 px patches (64 patches); VAE 32 px <-> 4x16x16 latents; UNet 2 levels.
     """
-    device, dtype = default_device_and_dtype(device, dtype)
-    tokenizer = build_clip_tokenizer(TINY_WORDS)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
-            projection_dim=32, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        ))
-        image_encoder = CLIPVisionModel(CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
-            image_size=32, patch_size=4, projection_dim=32,
-        ))
-        vae = AutoencoderKL(
-            block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1,
-            norm_num_groups=16, sample_size=32,
+    if not TINY_RANDOM_FOLDER.is_dir():
+        raise PresetUnavailableError(
+            f"The 'tiny-random' preset's weights are not at {TINY_RANDOM_FOLDER}. They ship with the "
+            "repository; restore the folder from git (`git checkout -- tests/tiny-random`), or write it "
+            "again with `python -m elite_tutorial.toyworld.models tiny-random --out tests/tiny-random`."
         )
-        unet = UNet2DConditionModel(
-            sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
-        )
-    components = Components(tokenizer, text_encoder, image_encoder, vae, unet, PNDMScheduler(**SD14_SCHEDULER_CONFIG))
-    return _frozen(components.to(device=device, dtype=dtype))
+    return load_components_folder(TINY_RANDOM_FOLDER, device, dtype)
 
 
 PRESETS: dict[str, Callable[..., Components]] = {
     "toy": _load_toy,
     "sd14": _load_sd14,
-    "tiny-random": _build_tiny_random,
+    "tiny-random": _load_tiny_random,
 }
 
 

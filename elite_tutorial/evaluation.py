@@ -44,11 +44,10 @@ from .mappers import GlobalMapper, LocalMapper
 from .metrics import MetricModels, clip_i, clip_t, dino_i, with_class_word
 from .pipeline import DEFAULT_LOCAL_SCALE, TOY_DEFAULTS, ELITEPipeline, SamplingDefaults
 from .storage import write_json_atomic
-from .toyworld.compounds import compound_embeddings
 from .toyworld.concepts import CONCEPT_SETS, CONCEPTS, Concept, PersonalConcept, concept_views
 from .toyworld.judge import ToyJudge
 from .toyworld.render import COLOURS, PATTERNS, SHAPES, SceneSpec, ToyObject, described, render
-from .words import encode_prompts_with_words
+from .words import compound_embeddings, encode_prompts_with_words
 
 IDENTITY = ("shape", "colour", "pattern")
 EDITS = {  # attribute -> (prompt, the value it asks for)
@@ -156,7 +155,7 @@ def described_generator(components, judge: ToyJudge, concepts=CONCEPTS, samples:
 def compound_generator(components, judge: ToyJudge, concepts=CONCEPTS, samples: int = 8, seed: int = 0,
                        defaults: SamplingDefaults = TOY_DEFAULTS) -> Generate:
     """The same reference said as one token: each concept's identity fused into a compound
-    word (`toyworld.compounds`: the sum of its words' embeddings) at S. One token is all w0 is, so
+    word (`words.compound_embeddings`: the sum of its words' embeddings) at S. One token is all w0 is, so
     this is what w0 could draw if it wrote the identity in the text encoder's own terms."""
     phrases = [described(concept_identity(judge, concept)) for concept in concepts]
     return textual_inversion_generator(components, compound_embeddings(components, phrases), samples, seed, defaults)

@@ -196,3 +196,15 @@ def encode_prompts_with_words(
     device = text_encoder.device
     with injected_token_embeddings(text_encoder, positions.to(device), words.to(device)):
         return text_encoder(input_ids.to(device)).last_hidden_state
+
+
+def compound_embeddings(components, phrases: list[str]) -> torch.Tensor:
+    """(len(phrases), text_width): each phrase's compound word, the sum of its words' token embeddings
+    in `components`' text encoder ("red dotted circle" -> one word, e(red) + e(dotted) + e(circle)),
+    to write at the placeholder like any word (`encode_prompts_with_words`). Every word of a phrase
+    must be a single token of the tokenizer's vocabulary (the toy world's words are)."""
+    table = components.text_encoder.get_input_embeddings().weight.detach()
+    ids = [components.tokenizer(phrase.split(), add_special_tokens=False).input_ids for phrase in phrases]
+    if any(len(word) != 1 for phrase in ids for word in phrase):
+        raise ValueError(f"Every word of {phrases} must be a single token of this tokenizer's vocabulary.")
+    return torch.stack([table[[word[0] for word in phrase]].sum(0) for phrase in ids])

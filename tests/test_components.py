@@ -11,6 +11,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer, CL
 from elite_tutorial import PresetUnavailableError, load_components
 from elite_tutorial import components as components_module
 from elite_tutorial.mappers import clip_feature_levels
+from elite_tutorial.toyworld.models import tiny_random_components
 
 
 def test_tiny_random_has_the_sd14_classes_and_is_frozen(tiny):
@@ -29,6 +30,26 @@ def test_tiny_random_has_the_sd14_classes_and_is_frozen(tiny):
 def test_tiny_random_is_seeded():
     a, b = load_components("tiny-random"), load_components("tiny-random")
     assert torch.equal(a.unet.conv_in.weight, b.unet.conv_in.weight)
+
+
+def test_the_tiny_random_folder_is_what_its_command_writes(tiny):
+    # tests/tiny-random is written by `python -m elite_tutorial.toyworld.models tiny-random`
+    built = tiny_random_components()
+    assert built.tokenizer.get_vocab() == tiny.tokenizer.get_vocab()
+    assert built.tokenizer("a photo of a S, close-up").input_ids == tiny.tokenizer("a photo of a S, close-up").input_ids
+    for name, model in built.models().items():
+        saved = getattr(tiny, name).state_dict()
+        assert model.state_dict().keys() == saved.keys(), name
+        for key, tensor in model.state_dict().items():
+            assert torch.equal(tensor, saved[key]), f"{name}.{key}"
+    assert {k: v for k, v in built.scheduler.config.items() if not k.startswith("_")} == \
+        {k: v for k, v in tiny.scheduler.config.items() if not k.startswith("_")}
+
+
+def test_a_missing_tiny_random_folder_says_how_to_write_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(components_module, "TINY_RANDOM_FOLDER", tmp_path / "tiny-random")
+    with pytest.raises(PresetUnavailableError, match="toyworld.models tiny-random"):
+        load_components("tiny-random")
 
 
 def test_default_device_is_cpu_fp32_without_cuda():

@@ -10,9 +10,10 @@ from elite_tutorial import load_components
 from elite_tutorial.components import ASSETS_DIR
 from elite_tutorial.evaluation import textual_inversion_generator, words_generator
 from elite_tutorial.pipeline import TOY_DEFAULTS
-from elite_tutorial.toyworld import compounds as C
-from elite_tutorial.toyworld import pretrain as P
+from elite_tutorial.studies import compounds as C
+from elite_tutorial.studies import pretrain as P
 from elite_tutorial.toyworld.concepts import CONCEPTS
+from elite_tutorial.words import compound_embeddings
 
 
 def test_fusing_replaces_the_run_of_identity_words_by_the_placeholder():
@@ -34,10 +35,10 @@ def test_a_compound_is_the_sum_of_its_words_and_one_word_is_that_word():
     toy = load_components("toy", device="cpu")
     table = toy.text_encoder.get_input_embeddings().weight
     ids = [toy.tokenizer(word, add_special_tokens=False).input_ids[0] for word in ("red", "dotted", "circle")]
-    compound = C.compound_embeddings(toy, ["red dotted circle", "circle"])
+    compound = compound_embeddings(toy, ["red dotted circle", "circle"])
     assert torch.equal(compound[0], table[ids].sum(0)) and torch.equal(compound[1], table[ids[2]])
     with pytest.raises(ValueError, match="single token"):
-        C.compound_embeddings(toy, ["red zebra"])
+        compound_embeddings(toy, ["red zebra"])
     # a one-word compound at S is that word written in the prompt: the same images
     as_compound = textual_inversion_generator(toy, compound[1:], samples=1, seed=0, defaults=TOY_DEFAULTS)
     as_word = words_generator(toy, ["circle"], samples=1, seed=0)
@@ -166,7 +167,7 @@ def test_the_teaching_step_reads_the_jittered_words(monkeypatch, tmp_path):
 
     def one_step(name, model, make_batch, loss_fn, *args, **kwargs):
         batch = make_batch(np.random.default_rng(0))
-        exact.append(C.compound_embeddings(toy, batch["compounds"])[:, None])
+        exact.append(compound_embeddings(toy, batch["compounds"])[:, None])
         loss_fn(batch, torch.Generator().manual_seed(0))
         return [{}]
 

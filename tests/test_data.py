@@ -9,26 +9,28 @@ from PIL import Image
 
 from elite_tutorial.components import ASSETS_DIR
 from elite_tutorial.data import (
-    FixedObjectsSource,
     OpenImagesMaskSource,
     OpenImagesSource,
-    ToyWorldSource,
-    another_view,
     augment_for_clip,
     box_crop,
     clip_pixels,
-    close_up,
     concept_folder,
     load_image,
     load_mask,
     object_crop,
-    toy_prompt_with_placeholder,
-    toy_training_scenes,
     unit_pixels,
 )
 from elite_tutorial.evaluation import SAYABLE_SUBSETS, sayable_objects
 from elite_tutorial.toyworld.concepts import CONCEPTS, is_held_out
 from elite_tutorial.toyworld.render import POSITION_PHRASES, SIZES, SceneSpec, ToyObject, random_scene, random_spec, render
+from elite_tutorial.toyworld.sources import (
+    FixedObjectsSource,
+    ToyWorldSource,
+    another_view,
+    close_up,
+    toy_prompt_with_placeholder,
+    toy_training_scenes,
+)
 
 
 def test_every_pil_mode_becomes_8_bit_rgb():

@@ -8,8 +8,7 @@ from transformers import CLIPVisionModel
 from transformers.models.clip.modeling_clip import image_text_contrastive_loss
 
 from elite_tutorial.storage import write_json_atomic
-from elite_tutorial.toyworld.concepts import CONCEPTS, is_held_out
-from elite_tutorial.toyworld.encoder import (
+from elite_tutorial.studies.encoder import (
     PROFILES,
     contrast_group,
     encoder_batch,
@@ -22,8 +21,9 @@ from elite_tutorial.toyworld.encoder import (
     train_encoder,
     training_spec,
 )
+from elite_tutorial.studies.pretrain import tokenize
+from elite_tutorial.toyworld.concepts import CONCEPTS, is_held_out
 from elite_tutorial.toyworld.models import toy_clip, toy_tokenizer
-from elite_tutorial.toyworld.pretrain import tokenize
 from elite_tutorial.toyworld.render import ATTRIBUTES
 
 

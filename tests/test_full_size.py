@@ -2,8 +2,8 @@
 import torch
 
 from elite_tutorial import encode_prompts_with_words, sd14_architecture
-from elite_tutorial.components import TINY_WORDS
 from elite_tutorial.mappers import clip_feature_levels, feature_layer_indices
+from elite_tutorial.toyworld.models import TINY_WORDS
 from elite_tutorial.toyworld.tokenizer import build_clip_tokenizer
 
 

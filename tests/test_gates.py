@@ -7,10 +7,10 @@ import torch
 
 from elite_tutorial.components import load_components
 from elite_tutorial.evaluation import bootstrap_interval
-from elite_tutorial.toyworld.compounds import compound_embeddings
+from elite_tutorial.studies.gates import TARGETS, main, method_file, record_gate, record_method, verdicts
+from elite_tutorial.studies.mappable import every_identity, fit_word_map, mapped_concept_words, nearest_identities, training_twins
 from elite_tutorial.toyworld.concepts import CONCEPTS, HELD_OUT_IDENTITIES
-from elite_tutorial.toyworld.gates import TARGETS, main, method_file, record_gate, record_method, verdicts
-from elite_tutorial.toyworld.mappable import every_identity, fit_word_map, mapped_concept_words, nearest_identities, training_twins
+from elite_tutorial.words import compound_embeddings
 
 
 def test_bootstrap_intervals_on_known_cases():

@@ -9,8 +9,9 @@ from PIL import Image
 
 from elite_tutorial.attention import elite_attention
 from elite_tutorial.cli import main as elite_train
-from elite_tutorial.data import GLOBAL_VIEWS, ToyWorldSource, object_view_for_clip, scale_augment, with_scale_phrase
+from elite_tutorial.data import GLOBAL_VIEWS, object_view_for_clip, scale_augment, with_scale_phrase
 from elite_tutorial.mappers import GlobalMapper, LocalMapper
+from elite_tutorial.toyworld.sources import ToyWorldSource
 from elite_tutorial.training import LOCAL_PROFILES, local_step_losses, train_local
 
 RECIPE = replace(LOCAL_PROFILES["smoke"], steps=3, checkpoint_every=1, keep_checkpoints=2, validate_every=3)

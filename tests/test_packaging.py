@@ -37,14 +37,16 @@ def test_the_code_is_ruff_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def _package_imports() -> dict[str, set[str]]:
-    """Each module of the package -> the package's modules it imports, lazy imports inside functions included."""
+def _imported_names() -> dict[str, set[str]]:
+    """Each module of the package -> what it imports, as dotted names (`from .data import load_image` ->
+    `elite_tutorial.data`; `from .. import evaluation` -> `elite_tutorial.evaluation`), lazy imports inside
+    functions included."""
     import ast
 
     root = Path(__file__).resolve().parents[1]
     files = {".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): path
              for path in (root / "elite_tutorial").rglob("*.py")}
-    graph = {}
+    names = {}
     for name, path in files.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         imported = set()
@@ -53,8 +55,23 @@ def _package_imports() -> dict[str, set[str]]:
                 base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]) if node.level else ""
                 target = ".".join(part for part in (base, node.module) if part)
                 imported |= {f"{target}.{alias.name}" if f"{target}.{alias.name}" in files else target for alias in node.names}
-        graph[name] = {module for module in imported if module in files and module != name}
-    return graph
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+        names[name] = imported
+    return names
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Each module of the package -> the package's modules it imports, lazy imports inside functions included."""
+    names = _imported_names()
+    return {name: {module for module in imported if module in names and module != name} for name, imported in names.items()}
+
+
+def test_every_import_of_the_package_names_one_of_its_modules():
+    names = _imported_names()
+    missing = sorted(f"{name} imports {module}" for name, imported in names.items() for module in imported
+                     if module.partition(".")[0] == "elite_tutorial" and module not in names)
+    assert not missing, "\n".join(missing)
 
 
 def test_the_package_has_no_import_cycle():
@@ -72,3 +89,62 @@ def test_the_package_has_no_import_cycle():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+# The layers, bottom to top (docs/layers.md): a module imports only from its own layer or below (and no cycle,
+# above). `toyworld.*` is the world; `studies.*` are the studies made on it; the exercises check the notebooks'
+# solutions and may use anything. A new module needs a line here.
+LAYERS = {
+    1: {"arguments", "storage"},
+    2: {"", "components", "words"},  # "": the package's __init__, which every import of the package runs
+    3: {"data"},
+    4: {"toyworld", "toyworld.concepts", "toyworld.judge", "toyworld.models", "toyworld.render", "toyworld.sources",
+        "toyworld.tokenizer", "mappers", "attention", "openimages"},
+    5: {"attention_maps", "attention_plots", "pipeline", "loss_study"},
+    6: {"training"},
+    7: {"evaluation", "baselines", "explorer", "metrics"},
+    8: {"studies", "studies.compounds", "studies.encoder", "studies.gates", "studies.mappable", "studies.pretrain",
+        "studies.report", "cli", "comparison"},
+    9: {"exercises", "exercises.__main__", "exercises.editions", "exercises.feedback", "exercises.inputs", "exercises.chapter00",
+        "exercises.chapter01", "exercises.chapter02", "exercises.chapter03", "exercises.chapter04", "exercises.chapter05"},
+}
+
+
+def _layer_of() -> dict[str, int]:
+    return {f"elite_tutorial.{name}".rstrip("."): layer for layer, names in LAYERS.items() for name in names}
+
+
+def _short(module: str) -> str:
+    return module.removeprefix("elite_tutorial").removeprefix(".")
+
+
+def test_every_module_has_a_layer():
+    graph, layer_of = _package_imports(), _layer_of()
+    assert not (unplaced := sorted(set(graph) - set(layer_of))), f"modules with no layer in LAYERS: {unplaced}"
+    assert not (gone := sorted(set(layer_of) - set(graph))), f"LAYERS names modules that do not exist: {gone}"
+
+
+def test_no_module_imports_from_a_layer_above_its_own():
+    graph, layer_of = _package_imports(), _layer_of()
+    upward = [f"{_short(module)} (layer {layer_of[module]}) imports {_short(imported)} (layer {layer_of[imported]})"
+              for module in sorted(graph) for imported in sorted(graph[module]) if layer_of[imported] > layer_of[module]]
+    assert not upward, "imports against the layers:\n" + "\n".join(upward)
+
+
+def test_the_world_the_core_and_evaluation_import_no_study():
+    graph = _package_imports()
+    world = {m for m in graph if m.startswith("elite_tutorial.toyworld")}
+    studies = {m for m in graph if m.startswith("elite_tutorial.studies")}
+    # the world reads only what lies below it: storage, data, and components (sd14's scheduler configuration,
+    # and `Components` to save the tiny-random folder)
+    below_the_world = {"elite_tutorial", "elite_tutorial.arguments", "elite_tutorial.storage", "elite_tutorial.components",
+                       "elite_tutorial.data"}
+    for module in sorted(world):
+        assert graph[module] <= world | below_the_world, f"{module} imports {sorted(graph[module] - world - below_the_world)}"
+    low = {f"elite_tutorial.{m}" for m in ("storage", "arguments", "components", "words", "data", "mappers")}
+    for module in sorted(low):
+        assert not graph[module] & (world | studies), f"{module} imports {sorted(graph[module] & (world | studies))}"
+    core = {f"elite_tutorial.{m}" for m in ("attention", "attention_maps", "pipeline", "training", "evaluation", "baselines",
+                                            "explorer", "metrics")}
+    for module in sorted(core | world):
+        assert not graph[module] & studies, f"{module} imports the studies' {sorted(graph[module] & studies)}"

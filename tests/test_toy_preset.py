@@ -10,10 +10,10 @@ from transformers import CLIPModel
 from elite_tutorial import load_components
 from elite_tutorial.components import TOY_FOLDER
 from elite_tutorial.mappers import clip_feature_levels
+from elite_tutorial.studies.report import EVAL_DIR, clip_shape_among_5, linear_probe_accuracy, mapper_input_probe, prompted_attributes
 from elite_tutorial.toyworld.judge import ToyJudge, accuracy
 from elite_tutorial.toyworld.models import toy_tokenizer, toy_vocabulary
 from elite_tutorial.toyworld.render import SHAPES, SIZE, exact_scene, random_spec
-from elite_tutorial.toyworld.report import EVAL_DIR, clip_shape_among_5, linear_probe_accuracy, mapper_input_probe, prompted_attributes
 
 
 def test_toy_loads_offline_with_the_sd14_roles(tmp_path):

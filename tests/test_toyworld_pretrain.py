@@ -8,7 +8,7 @@ import torch
 from transformers import CLIPModel
 
 from elite_tutorial import load_components
-from elite_tutorial.toyworld import pretrain as P
+from elite_tutorial.studies import pretrain as P
 from elite_tutorial.toyworld.judge import ToyJudge
 from elite_tutorial.toyworld.models import toy_tokenizer
 

@@ -11,8 +11,9 @@ from test_data import make_openimages_folder
 
 from elite_tutorial.attention import elite_attention
 from elite_tutorial.cli import main as elite_train
-from elite_tutorial.data import OpenImagesSource, ToyWorldSource, clip_normalise
+from elite_tutorial.data import OpenImagesSource, clip_normalise
 from elite_tutorial.mappers import GlobalMapper, clip_feature_levels, cross_attention_modules
+from elite_tutorial.toyworld.sources import ToyWorldSource
 from elite_tutorial.training import (
     PROFILES,
     _fresh_mapper,

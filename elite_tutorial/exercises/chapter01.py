@@ -14,8 +14,8 @@ from diffusers import DDPMScheduler
 
 from ..attention import elite_attention
 from ..components import ASSETS_DIR
-from ..data import ToyWorldSource
 from ..mappers import GlobalMapper
+from ..toyworld.sources import ToyWorldSource
 from ..training import PROFILES, training_step_losses
 from ..words import injected_token_embeddings, placeholder_token_id, tokenize_with_placeholder
 from .feedback import attempt, expect, expect_close, passed

@@ -3,7 +3,7 @@
 In Stable Diffusion your teapot is drawable (some embedding draws it) but not sayable in one typed
 word. The toy world's personal concepts keep that premise: each is an *identity*, a shape, a colour
 and a pattern, every value of which the toy model draws and sees in many training identities, in a
-combination held out of every mapper training source (`is_held_out`; `data.ToyWorldSource` and the
+combination held out of every mapper training source (`is_held_out`; `sources.ToyWorldSource` and the
 other sources never produce one) and of the retrained image encoder's data. The toy language can say
 a concept in three words ("red dotted heart"); its class word ("heart") says a third of it.
 

@@ -9,13 +9,26 @@
 | VAE | `AutoencoderKL`, 512 px -> 4x64x64 (factor 8) | `AutoencoderKL`, 64 px -> 4x16x16 (factor 4) |
 | UNet | `UNet2DConditionModel`, 4 levels, 320-1280 channels, cross-attention at 64, 32, 16 | `UNet2DConditionModel`, 3 levels, 64-128 channels, cross-attention at 16 and 8 |
 | scheduler | PNDM, scaled-linear betas 0.00085-0.012 | the same |
+
+The `tiny-random` preset of the unit tests (`tiny_random_components`: seeded random models, smaller
+still, in the same classes) is a folder like the toy one, `tests/tiny-random`, written once by
+
+    python -m elite_tutorial.toyworld.models tiny-random --out tests/tiny-random
+
+Both read sd14's scheduler configuration from `components`, the layer below the world: the toy
+scheduler is sd14's by definition, and a tiny-random folder is what `Components.save_pretrained` writes.
 """
 from __future__ import annotations
 
-from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+import argparse
+from pathlib import Path
 
-from ..components import SD14_SCHEDULER_CONFIG
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel
+
+from ..components import SD14_SCHEDULER_CONFIG, Components
+from ..data import FAR_PHRASES, IMAGENET_TEMPLATES, NEAR_PHRASES
 from .render import ATTRIBUTES, POSITION_PHRASES, PREFIXES, SIZE
 from .tokenizer import build_clip_tokenizer
 
@@ -83,3 +96,68 @@ def toy_unet() -> UNet2DConditionModel:
 
 def toy_scheduler() -> PNDMScheduler:
     return PNDMScheduler(**SD14_SCHEDULER_CONFIG)
+
+
+# --------------------------------------------------------------------------------------------------
+# The tiny-random preset (unit tests only).
+
+# The words the tiny-random tokenizer knows as single tokens (anything else splits into characters):
+# a few of its own, the toy world's and the training captions', so that every prompt a test builds is
+# made of known words (`words.tokenize_with_placeholder` refuses a word this vocabulary lacks).
+TINY_WORDS = sorted(
+    set("a an the photo picture of in on with and S dog cat background".split())
+    | {word for values in ATTRIBUTES.values() for word in values}
+    | {word for phrase in (*POSITION_PHRASES.values(), *PREFIXES, *IMAGENET_TEMPLATES, *FAR_PHRASES, *NEAR_PHRASES)
+       for word in phrase.replace("{}", "").split()}
+)
+
+
+def tiny_random_components() -> Components:
+    """Seeded random miniature models in the same classes and roles as sd14, on CPU in fp32, frozen.
+
+    Sizes: text width 32; vision width 32 with 6 layers (feature levels, see `mappers`), 32 px
+    images in 4 px patches (64 patches); VAE 32 px <-> 4x16x16 latents; UNet 2 levels. Saved once
+    as `tests/tiny-random` (`main`), which `load_components("tiny-random")` reads.
+    """
+    tokenizer = build_clip_tokenizer(TINY_WORDS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+            projection_dim=32, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ))
+        image_encoder = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+            image_size=32, patch_size=4, projection_dim=32,
+        ))
+        vae = AutoencoderKL(
+            block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1,
+            norm_num_groups=16, sample_size=32,
+        )
+        unet = UNet2DConditionModel(
+            sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
+        )
+    components = Components(tokenizer, text_encoder, image_encoder, vae, unet, PNDMScheduler(**SD14_SCHEDULER_CONFIG))
+    for model in components.models().values():
+        model.requires_grad_(False).eval()
+    return components
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m elite_tutorial.toyworld.models",
+                                     description="Write a preset's models as a components folder.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    tiny = commands.add_parser("tiny-random", help="the seeded random models of the unit tests (`tiny_random_components`)")
+    tiny.add_argument("--out", type=Path, required=True, help="a new folder (e.g. tests/tiny-random)")
+    args = parser.parse_args(argv)
+    print(tiny_random_components().save_pretrained(args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -40,9 +40,9 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionMode
 
 from ..data import clip_normalise  # the toy image encoder is fed exactly like ViT-L/14
 from ..storage import load_optimizer_tensors, optimizer_tensors, save_safetensors_atomic, write_json_atomic
-from .judge import ToyJudge, label_indices
-from .models import toy_clip, toy_scheduler, toy_tokenizer, toy_unet, toy_vae
-from .render import SHAPES, SIZE, SceneSpec, caption, images_to_tensor, random_spec, render
+from ..toyworld.judge import ToyJudge, label_indices
+from ..toyworld.models import toy_clip, toy_scheduler, toy_tokenizer, toy_unet, toy_vae
+from ..toyworld.render import SHAPES, SIZE, SceneSpec, caption, images_to_tensor, random_spec, render
 
 STAGES = ("clip", "vae", "unet", "judge")
 HELD_OUT_SEED = 10**9  # evaluation scenes use seeds from here on; training pools never reach it

@@ -19,12 +19,12 @@ mapper's recipe. Each gate writes its entry of `results/toy_gates.json` (figures
 each is met, the command, seconds); gate 1 also writes one results file per method,
 `results/methods/<method>.json` (summary with 95 % bootstrap intervals over concepts, and rows).
 
-    python -m elite_tutorial.toyworld.gates drawable
-    python -m elite_tutorial.toyworld.gates readable [--encoder FOLDER]
-    python -m elite_tutorial.toyworld.gates mappable --components FOLDER [--encoder FOLDER] [--twins]   # mappable.py
-    python -m elite_tutorial.toyworld.gates judge
-    python -m elite_tutorial.toyworld.gates prompts
-    python -m elite_tutorial.toyworld.gates out-of-span   # not a gate: the lesson on what no word draws
+    python -m elite_tutorial.studies.gates drawable
+    python -m elite_tutorial.studies.gates readable [--encoder FOLDER]
+    python -m elite_tutorial.studies.gates mappable --components FOLDER [--encoder FOLDER] [--twins]   # mappable.py
+    python -m elite_tutorial.studies.gates judge
+    python -m elite_tutorial.studies.gates prompts
+    python -m elite_tutorial.studies.gates out-of-span   # not a gate: the lesson on what no word draws
 """
 from __future__ import annotations
 
@@ -44,11 +44,11 @@ from ..components import ASSETS_DIR, load_components
 from ..evaluation import JUDGE_FOLDER, class_word_generator, compound_generator, described_generator, score, textual_inversion_generator
 from ..pipeline import TOY_DEFAULTS
 from ..storage import write_json_atomic
-from .concepts import CONCEPTS, IDENTITY, OUT_OF_SPAN, concept_views
+from ..toyworld.concepts import CONCEPTS, IDENTITY, OUT_OF_SPAN, concept_views
+from ..toyworld.judge import ToyJudge, accuracy
+from ..toyworld.render import exact_scene
 from .encoder import identity_probe, load_encoder, probe_specs
-from .judge import ToyJudge, accuracy
 from .mappable import mapped_concept_words, training_twins
-from .render import exact_scene
 
 RESULTS = Path("results")
 GATES_FILE = "toy_gates.json"
@@ -228,7 +228,7 @@ def gate_prompts(count: int, components_folder: str = "toy") -> tuple[dict, dict
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m elite_tutorial.toyworld.gates", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m elite_tutorial.studies.gates", description=__doc__.splitlines()[0])
     parser.add_argument("gate", choices=[*sorted(TARGETS), "out-of-span"],
                         help="a gate, or out-of-span: the lesson's figures (Textual Inversion on what the model never learned)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the results files")
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default=",".join(DRAWABLE_METHODS),
                         help="drawable: which of its methods to score now (comma-separated; default all)")
     args = parser.parse_args(argv)
-    command = " ".join(["python -m elite_tutorial.toyworld.gates", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python -m elite_tutorial.studies.gates", *(sys.argv[1:] if argv is None else argv)])
     started = time.perf_counter()
     if args.gate == "out-of-span":
         summaries = out_of_span(args.results, command, args.samples, args.seed, args.ti_profile)["methods"]
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         figures, details = gate_readable(args.encoder)
     elif args.gate == "mappable":
         if args.components is None:
-            parser.error("mappable needs --components: a folder from `python -m elite_tutorial.toyworld.compounds teach`")
+            parser.error("mappable needs --components: a folder from `python -m elite_tutorial.studies.compounds teach`")
         figures, details = gate_mappable(args.results, command, args.components, args.encoder, args.samples,
                                          args.seed, args.training, args.twins)
         if args.twins:  # the comparison, not the gate: its figures are in the two method files

@@ -32,9 +32,9 @@ from ..components import ASSETS_DIR, Components, load_components
 from ..data import clip_normalise, object_crop
 from ..mappers import clip_feature_levels
 from ..metrics import projected_features
-from .judge import ToyJudge, accuracy
+from ..toyworld.judge import ToyJudge, accuracy
+from ..toyworld.render import ATTRIBUTES, POSITION_PHRASES, SIZE, caption, exact_scene, images_to_tensor, random_spec
 from .pretrain import HELD_OUT_SEED, shape_contrast_group, tokenize
-from .render import ATTRIBUTES, POSITION_PHRASES, SIZE, caption, exact_scene, images_to_tensor, random_spec
 
 EVAL_DIR = ASSETS_DIR / "toy-eval"
 

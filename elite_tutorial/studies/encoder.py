@@ -22,8 +22,8 @@ The text tower is trained with it from scratch and thrown away: only the vision 
 components' `image_encoder`. Neither the UNet's text encoder nor the judge is touched, and the judge's
 training (its own data, seed and objective: one classifier per attribute) stays apart from this one.
 
-    python -m elite_tutorial.toyworld.encoder train --out toy-image-encoder          # resumable
-    python -m elite_tutorial.toyworld.gates readable --encoder toy-image-encoder   # gate 2
+    python -m elite_tutorial.studies.encoder train --out toy-image-encoder          # resumable
+    python -m elite_tutorial.studies.gates readable --encoder toy-image-encoder   # gate 2
 """
 from __future__ import annotations
 
@@ -45,10 +45,10 @@ from transformers import CLIPModel, CLIPVisionModel
 from ..data import box_crop, clip_normalise
 from ..mappers import clip_feature_levels
 from ..storage import atomic_directory, write_json_atomic
-from .concepts import CONCEPTS, IDENTITY, is_held_out
-from .models import toy_clip, toy_tokenizer
+from ..toyworld.concepts import CONCEPTS, IDENTITY, is_held_out
+from ..toyworld.models import toy_clip, toy_tokenizer
+from ..toyworld.render import ATTRIBUTES, LOW_CONTRAST, PREFIXES, SIZE, SceneSpec, images_to_tensor, random_spec, render
 from .pretrain import HELD_OUT_SEED, Recipe, _autocast, _seed_init, tokenize, train_loop
-from .render import ATTRIBUTES, LOW_CONTRAST, PREFIXES, SIZE, SceneSpec, images_to_tensor, random_spec, render
 
 VIEW_MARGIN = 0.25  # the box's padding, as a fraction of its longer side (`data.box_crop`)
 
@@ -254,7 +254,7 @@ def load_encoder(source: Path) -> CLIPVisionModel:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m elite_tutorial.toyworld.encoder", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m elite_tutorial.studies.encoder", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["train"], help="train the image encoder (rerun the same command to resume)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     model, history = train_encoder(recipe, work, args.device)
     model.eval()
-    record = {"command": " ".join(["python -m elite_tutorial.toyworld.encoder", *(sys.argv[1:] if argv is None else argv)]),
+    record = {"command": " ".join(["python -m elite_tutorial.studies.encoder", *(sys.argv[1:] if argv is None else argv)]),
               "recipe": asdict(recipe), "seconds_this_run": round(time.perf_counter() - started, 1),
               "loss_last": history[-1], "torch": torch.__version__}
     write_encoder(model, args.out, record)

@@ -10,7 +10,7 @@ compound word").
 
 `teach_compound_words` fine-tunes the text encoder so that it reads such compounds. In a
 single-object caption the run of identity words ("red dotted circle") is fused into one token whose
-embedding is the sum of theirs (`fuse_identity_words`, `compound_embeddings`). With the UNet frozen,
+embedding is the sum of theirs (`fuse_identity_words`, `words.compound_embeddings`). With the UNet frozen,
 the text encoder learns to make the UNet predict under the fused caption what it predicts under the
 words (the same noisy latents and timesteps: distillation), while on plain captions it keeps its
 outputs (the mean squared difference from the frozen encoder's hidden states). Token and position
@@ -25,10 +25,11 @@ k/v copies do; the frozen UNet stays the teacher.
 regression onto each object's compound embedding. Such a mapper is also a start for ELITE's training
 (`elite-train global --init-mapper`).
 
-    python -m elite_tutorial.toyworld.compounds teach --components assets/toy-sd --out toy-sd-compound
-    python -m elite_tutorial.toyworld.compounds fit-mapper --components toy-sd-compound --view box --out fitted-mapper
+    python -m elite_tutorial.studies.compounds teach --components assets/toy-sd --out toy-sd-compound
+    python -m elite_tutorial.studies.compounds fit-mapper --components toy-sd-compound --view box --out fitted-mapper
 
-The shipped toy world does not use them (README, stage 1: compound words).
+The shipped toy world uses both: `assets/toy-sd`'s text encoder was taught compound words, and the
+shipped global mapper is such a fitted map (docs/elite-on-v2.md says why).
 """
 from __future__ import annotations
 
@@ -52,10 +53,10 @@ from ..components import Components, load_components
 from ..data import GLOBAL_VIEWS, clip_pixels, global_view_image
 from ..mappers import MAPPER_FILES, GlobalMapper, clip_feature_levels, cross_attention_modules
 from ..storage import atomic_directory
-from ..words import DEFAULT_PLACEHOLDER, encode_prompts_with_words
-from .concepts import is_held_out
+from ..toyworld.concepts import is_held_out
+from ..toyworld.render import COLOURS, PATTERNS, SHAPES, caption, described, random_spec, render
+from ..words import DEFAULT_PLACEHOLDER, compound_embeddings, encode_prompts_with_words
 from .pretrain import HELD_OUT_SEED, ScenePool, _autocast, _encode_pool, tokenize, train_loop
-from .render import COLOURS, PATTERNS, SHAPES, caption, described, random_spec, render
 
 IDENTITY_WORDS = frozenset((*COLOURS, *PATTERNS, *SHAPES))
 MAX_COMPOUND = 3  # a colour, a pattern and a shape
@@ -95,15 +96,6 @@ def fuse_identity_words(text: str, placeholder: str = DEFAULT_PLACEHOLDER) -> tu
         raise ValueError(f"{text!r} is not a single-object caption with one run of identity words.")
     fused = placeholder + words[run[-1]][len(bare[run[-1]]):]  # the comma stays
     return " ".join(words[:run[0]] + [fused] + words[run[-1] + 1:]), bare[run[0]:run[-1] + 1]
-
-
-def compound_embeddings(components: Components, phrases: list[str]) -> torch.Tensor:
-    """(len(phrases), text_width): each phrase's compound word, the sum of its words' token embeddings."""
-    table = components.text_encoder.get_input_embeddings().weight.detach()
-    ids = [components.tokenizer(phrase.split(), add_special_tokens=False).input_ids for phrase in phrases]
-    if any(len(word) != 1 for phrase in ids for word in phrase):
-        raise ValueError(f"Every word of {phrases} must be a single token of the toy vocabulary.")
-    return torch.stack([table[[word[0] for word in phrase]].sum(0) for phrase in ids])
 
 
 def jitter_compounds(compounds: torch.Tensor, noise: float, generator: torch.Generator) -> torch.Tensor:
@@ -275,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     fit.add_argument("--view", choices=GLOBAL_VIEWS, default="object",
                      help="what the mapper reads: the object alone or the padded box around it (stage 1's view)")
     args = parser.parse_args(argv)
-    command = " ".join(["python -m elite_tutorial.toyworld.compounds", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python -m elite_tutorial.studies.compounds", *(sys.argv[1:] if argv is None else argv)])
     if args.command == "teach":
         recipe = CompoundRecipe(seed=args.seed, steps=args.steps, compound_noise=args.compound_noise,
                                 unet_kv=args.unet_kv)

@@ -3,15 +3,15 @@
 ELITE's global mapper turns what the image encoder reads of an object into a word at S. Before any
 mapper is trained by the diffusion loss, this gate asks the same of the simplest map that is told the
 answer: a ridge regression from the mapper's input features (`encoder.view_features` of the padded
-box view) to each object's compound word (`compounds.compound_embeddings`: the sum of its words'
+box view) to each object's compound word (`words.compound_embeddings`: the sum of its words'
 token embeddings, which a text encoder taught by `compounds.teach_compound_words` reads as the whole
 object). It is fitted on scenes of training identities only, then each personal concept's word is
 mapped from its first view (the view ELITE's evaluation encodes) and scored by the judge like any
 method. If such a map cannot write the held-out concepts' words, no mapper trained by the diffusion
 loss will.
 
-    python -m elite_tutorial.toyworld.compounds teach --components assets/toy-sd --out toy-sd-compound
-    python -m elite_tutorial.toyworld.gates mappable --components toy-sd-compound --encoder toy-image-encoder
+    python -m elite_tutorial.studies.compounds teach --components assets/toy-sd --out toy-sd-compound
+    python -m elite_tutorial.studies.gates mappable --components toy-sd-compound --encoder toy-image-encoder
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ import torch
 from transformers import CLIPVisionModel
 
 from ..components import Components
-from .compounds import compound_embeddings
-from .concepts import CONCEPTS, HELD_OUT_IDENTITIES, PersonalConcept, concept_views
+from ..toyworld.concepts import CONCEPTS, HELD_OUT_IDENTITIES, PersonalConcept, concept_views
+from ..toyworld.render import COLOURS, PATTERNS, SHAPES, described
+from ..words import compound_embeddings
 from .encoder import PROBE_SEED, box_view, mapper_features, probe_specs, view_features
-from .render import COLOURS, PATTERNS, SHAPES, described
 
 MAP_SEED = PROBE_SEED + 10_000  # the map's training scenes: not the probe's, and no pretraining pool's
 ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)

@@ -165,11 +165,13 @@ def test_captured_maps_equal_the_saved_reference():
         reference = load_capture(REFERENCES / f"capture_{name}.safetensors")
         assert capture.layers == reference.layers and capture.timesteps == reference.timesteps
         assert bool(capture.gate_sums) == (name == "elite")
-        for recorded, pinned in ((capture.sums, reference.sums), (capture.gate_sums, reference.gate_sums),
-                                 (capture.steps, reference.steps), (capture.gate_steps, reference.gate_steps)):
+        # the kept steps are float16: a thread count that moves a float32 sum in its last bits can move
+        # a float16 step by one unit in its last place (2^-11 of its size), so they get that tolerance
+        for recorded, pinned, rtol in ((capture.sums, reference.sums, 1e-4), (capture.gate_sums, reference.gate_sums, 1e-4),
+                                       (capture.steps, reference.steps, 2**-10), (capture.gate_steps, reference.gate_steps, 2**-10)):
             assert recorded.keys() == pinned.keys()
             for layer in recorded:
-                torch.testing.assert_close(recorded[layer], pinned[layer], atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(recorded[layer], pinned[layer], atol=1e-5, rtol=rtol)
 
 
 if __name__ == "__main__":

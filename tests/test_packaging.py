@@ -148,3 +148,14 @@ def test_the_world_the_core_and_evaluation_import_no_study():
                                             "explorer", "metrics")}
     for module in sorted(core | world):
         assert not graph[module] & studies, f"{module} imports the studies' {sorted(graph[module] & studies)}"
+
+
+def test_no_markdown_cell_of_a_chapter_is_over_250_words():
+    """A chapter's readings stay short: each markdown cell at most 250 words (split on whitespace)."""
+    import nbformat
+
+    long_cells = [(path.name, index, len(cell.source.split()))
+                  for path in sorted((ROOT / "notebooks").glob("*.ipynb"))
+                  for index, cell in enumerate(nbformat.read(path, as_version=4).cells)
+                  if cell.cell_type == "markdown" and len(cell.source.split()) > 250]
+    assert not long_cells, f"markdown cells over 250 words (notebook, cell, words): {long_cells}"

@@ -8,6 +8,8 @@ from elite_tutorial.loss_study import WRONG, _with_another, loss_by_caption
 from elite_tutorial.mappers import GlobalMapper
 from elite_tutorial.toyworld.render import random_spec
 
+pytestmark = pytest.mark.research  # the loss study: `make test-research`
+
 
 def test_a_wrong_caption_changes_one_attribute_of_the_object():
     rng = np.random.default_rng(0)

@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: course test setup clean
+.PHONY: course test test-research setup clean
 
 setup: $(STAMP)
 
@@ -22,13 +22,17 @@ course: $(STAMP)
 	ELITE_PRESET=$${ELITE_PRESET:-toy} $(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --notebook-dir=notebooks \
 		$$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
-# --durations: where the time goes, in every run's log
+# --durations: where the time goes, in every run's log. Tests of the studies and of research-only
+# recipe options are marked `research`: `make test-research` runs them.
 test: $(STAMP)
-	$(BIN)/python -m pytest --durations=10 tests
+	$(BIN)/python -m pytest --durations=10 -m "not research" tests
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
 		ELITE_PRESET=toy $(BIN)/python -m pytest --durations=10 --nbval --nbval-current-env \
 			--nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider notebooks; \
 	else echo "no notebooks to check"; fi
+
+test-research: $(STAMP)
+	$(BIN)/python -m pytest --durations=10 -m research tests
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

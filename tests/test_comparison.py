@@ -80,6 +80,7 @@ def test_words_drawn_through_the_mapper_key_values_change_only_with_the_copies()
     assert np.abs(through_key_values(plain, components, mapper)("a photo of a S") - reference).mean() > 5
 
 
+@pytest.mark.research
 def test_sayable_objects_cover_every_shape_and_pattern():
     objects = sayable_objects()
     assert {(o.shape, o.pattern) for o in objects} == {(s, p) for s in SHAPES for p in PATTERNS}
@@ -109,6 +110,7 @@ def test_an_edit_counts_only_where_it_shows_and_the_concept_keeps_two_of_its_thr
     assert edit_success(predictions, identity, "position", "right") == 0.25
 
 
+@pytest.mark.research
 def test_sayable_fidelity_reads_the_objects_said_in_words_as_themselves():
     """The plain model draws the objects it is told: a check that images and objects stay paired."""
     pipe = ELITEPipeline(load_components("toy", device="cpu"), GlobalMapper.from_pretrained(ASSETS_DIR / "toy-global-mapper"))
@@ -122,6 +124,7 @@ def test_sayable_fidelity_reads_the_objects_said_in_words_as_themselves():
     assert all(0 <= value <= 1 for scores in report.values() for value in scores.values())
 
 
+@pytest.mark.research
 def test_sayable_inversion_scores_each_objects_own_word():
     """With no optimisation steps each word is its initializer: "star" draws stars, right for the
     star and wrong for the circle."""

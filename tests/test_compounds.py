@@ -16,6 +16,7 @@ from elite_tutorial.toyworld.concepts import CONCEPTS
 from elite_tutorial.words import compound_embeddings
 
 
+@pytest.mark.research
 def test_fusing_replaces_the_run_of_identity_words_by_the_placeholder():
     assert C.fuse_identity_words("a photo of a large red dotted circle on the left") == (
         "a photo of a large S on the left", ["red", "dotted", "circle"])
@@ -46,6 +47,7 @@ def test_a_compound_is_the_sum_of_its_words_and_one_word_is_that_word():
         assert np.array_equal(as_compound("a photo of a S"), as_word("a photo of a S"))
 
 
+@pytest.mark.research
 def test_teaching_trains_the_encoder_layers_only_and_writes_a_loadable_folder(tmp_path):
     recipe = replace(C.CompoundRecipe(), pool_size=32, steps=3, batch=2, keep_batch=4, warmup_steps=1)
     record = C.teach_compound_words(ASSETS_DIR / "toy-sd", tmp_path / "taught", recipe, "cpu", command="teach")
@@ -67,6 +69,7 @@ def test_teaching_trains_the_encoder_layers_only_and_writes_a_loadable_folder(tm
     assert all(torch.equal(parameter, shipped[name]) for name, parameter in unet.items())  # the UNet is the components'
 
 
+@pytest.mark.research
 def test_with_unet_kv_the_cross_attention_keys_and_values_learn_and_nothing_else_of_the_unet(tmp_path):
     recipe = replace(C.CompoundRecipe(), pool_size=32, steps=3, batch=2, keep_batch=4, warmup_steps=1, unet_kv=True)
     C.teach_compound_words(ASSETS_DIR / "toy-sd", tmp_path / "taught", recipe, "cpu")
@@ -77,6 +80,7 @@ def test_with_unet_kv_the_cross_attention_keys_and_values_learn_and_nothing_else
     assert len(learned) == sum(".attn2.to_k." in name or ".attn2.to_v." in name for name in shipped)
 
 
+@pytest.mark.research
 def test_the_student_starts_as_the_teacher_and_learns_the_compounds(tmp_path, monkeypatch):
     """At step 0 the student is the frozen encoder (loss_keep 0); on one repeated batch a few steps
     shrink loss_compound."""
@@ -104,6 +108,7 @@ def test_the_student_starts_as_the_teacher_and_learns_the_compounds(tmp_path, mo
     assert history[-1]["loss_compound"] < 0.5 * history[0]["loss_compound"]
 
 
+@pytest.mark.research
 def test_a_fitted_mapper_beats_a_constant_word_on_held_out_objects():
     toy = load_components("toy", device="cpu")
     mapper, report = C.fit_mapper_to_compounds(toy, count=512, epochs=20, held_out=200, progress=False)
@@ -124,6 +129,7 @@ def test_a_box_view_mapper_is_fitted_on_the_padded_box_around_each_object():
         C.fit_mapper_to_compounds(toy, count=16, epochs=1, held_out=8, progress=False, view="crop")
 
 
+@pytest.mark.research
 def test_fused_captions_never_show_a_personal_concept(tmp_path, monkeypatch):
     """The compound words a teaching step reads are training identities' only, so a concept's compound
     word is as new to the taught encoder as to a mapper (gate 3)."""
@@ -143,6 +149,7 @@ def test_fused_captions_never_show_a_personal_concept(tmp_path, monkeypatch):
     assert len(shown) == 200 and min(shown) >= len(CONCEPTS)
 
 
+@pytest.mark.research
 def test_fused_words_are_read_with_noise_of_at_most_the_recipe_scale():
     """Each row of a batch gets its own noise scale in [0, noise]; no noise leaves the exact sums."""
     compounds = torch.zeros(256, 1, 128)
@@ -154,6 +161,7 @@ def test_fused_words_are_read_with_noise_of_at_most_the_recipe_scale():
     assert torch.equal(jittered, again)  # the step's generator decides it: exact resume
 
 
+@pytest.mark.research
 def test_the_teaching_step_reads_the_jittered_words(monkeypatch, tmp_path):
     """What the student reads at S is the compound plus the recipe's noise, not the exact sum."""
     toy = load_components("toy", device="cpu")

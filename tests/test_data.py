@@ -182,6 +182,7 @@ def test_the_other_view_target_draws_the_same_identity_elsewhere_and_says_its_co
     assert torch.allclose(batch["pixel_values"], images, atol=1e-5)
 
 
+@pytest.mark.research
 def test_a_close_up_redraws_the_object_large_at_the_centre_on_the_same_background():
     scene = next(s for s in (random_scene(seed, two_object_probability=0.0) for seed in range(50))
                  if s.spec.objects[0].size == "small" and s.spec.objects[0].position != "center")
@@ -200,6 +201,7 @@ def test_a_close_up_redraws_the_object_large_at_the_centre_on_the_same_backgroun
     assert np.array_equal(scene.image[background], near.image[background])
 
 
+@pytest.mark.research
 def test_the_toy_close_up_target_is_what_the_unet_and_the_encoder_see():
     rng = np.random.default_rng(5)
     batch = ToyWorldSource(clip_size=32, target="close-up").batch(rng, 3)
@@ -214,6 +216,7 @@ def test_the_toy_close_up_target_is_what_the_unet_and_the_encoder_see():
         ToyWorldSource(clip_size=32, target="crop")
 
 
+@pytest.mark.research
 def test_fixed_objects_are_drawn_in_their_one_render_and_seen_alone():
     objects = sayable_objects()[:3]
     source = FixedObjectsSource(objects, clip_size=32)
@@ -262,6 +265,7 @@ def test_the_box_crop_keeps_the_background_and_stays_inside_the_image():
     assert np.array_equal(np.asarray(box_crop(Image.fromarray(image), edge)), image[0:10, 0:10])
 
 
+@pytest.mark.research
 def test_the_sayable_halves_split_the_twenty_objects_each_shape_twice_in_the_even_half():
     everything = sayable_objects()[SAYABLE_SUBSETS["all"]]
     even, odd = sayable_objects()[SAYABLE_SUBSETS["even"]], sayable_objects()[SAYABLE_SUBSETS["odd"]]
@@ -269,6 +273,7 @@ def test_the_sayable_halves_split_the_twenty_objects_each_shape_twice_in_the_eve
     assert Counter(obj.shape for obj in even) == Counter({shape: 2 for shape in {o.shape for o in everything}})
 
 
+@pytest.mark.research
 def test_the_shape_colour_halves_pair_every_shape_and_colour_but_never_the_same_way():
     everything = sayable_objects("shape-colour")
     even, odd = (everything[SAYABLE_SUBSETS[half]] for half in ("even", "odd"))

@@ -3,6 +3,7 @@ import json
 from dataclasses import asdict
 
 import numpy as np
+import pytest
 import torch
 from transformers import CLIPVisionModel
 from transformers.models.clip.modeling_clip import image_text_contrastive_loss
@@ -25,6 +26,8 @@ from elite_tutorial.studies.pretrain import tokenize
 from elite_tutorial.toyworld.concepts import CONCEPTS, is_held_out
 from elite_tutorial.toyworld.models import toy_clip, toy_tokenizer
 from elite_tutorial.toyworld.render import ATTRIBUTES
+
+pytestmark = pytest.mark.research  # the encoder study: `make test-research`
 
 
 def test_with_one_positive_each_the_loss_is_clips():

@@ -24,6 +24,7 @@ def test_bootstrap_intervals_on_known_cases():
     assert bootstrap_interval(values) == bootstrap_interval(values)  # seeded
 
 
+@pytest.mark.research
 def test_a_gate_passes_only_when_every_figure_meets_its_target(tmp_path):
     figures = {"said in words: fidelity": 0.9, "said in words: editability": 0.8,
                "Textual Inversion: fidelity": 0.81, "class word: fidelity": 0.5}
@@ -43,6 +44,7 @@ def test_a_gate_passes_only_when_every_figure_meets_its_target(tmp_path):
     assert method_file(tmp_path, "fitted map (training identities)").name == "fitted_map_training_identities.json"
 
 
+@pytest.mark.research
 def test_the_ridge_map_recovers_a_linear_map_and_picks_its_penalty_on_held_back_rows():
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(400, 6, generator=generator) * torch.tensor([1.0, 2, 3, 4, 5, 6]) + 7
@@ -57,6 +59,7 @@ def test_the_ridge_map_recovers_a_linear_map_and_picks_its_penalty_on_held_back_
     assert fit_word_map(features[:40], unrelated, alphas=(1e-6, 1e3))[1]["alpha"] == 1e3  # the mean word wins
 
 
+@pytest.mark.research
 def test_a_fitted_map_writes_unseen_concepts_words_closer_than_a_constant_word():
     toy = load_components("toy", device="cpu")
     words, report = mapped_concept_words(toy, toy.image_encoder, training=300, concepts=CONCEPTS[:2])
@@ -69,6 +72,7 @@ def test_a_fitted_map_writes_unseen_concepts_words_closer_than_a_constant_word()
     assert report["nearest_is_own_identity"] in (0.0, 0.5, 1.0)
 
 
+@pytest.mark.research
 def test_a_word_near_a_compound_is_read_as_its_identity_and_a_compound_as_its_nearest_other():
     toy = load_components("toy", device="cpu")
     assert len(every_identity()) == len(set(every_identity())) == 8 * 4 * 5
@@ -80,11 +84,13 @@ def test_a_word_near_a_compound_is_read_as_its_identity_and_a_compound_as_its_ne
     assert torch.allclose(distances[1], (exact[1] - compound_embeddings(toy, [others[1]])[0]).norm().double())
 
 
+@pytest.mark.research
 def test_the_mappable_gate_asks_for_the_taught_components():
     with pytest.raises(SystemExit):
         main(["mappable"])
 
 
+@pytest.mark.research
 def test_each_concepts_training_twin_is_its_shape_and_colour_in_a_pattern_the_streams_show():
     twins = training_twins()
     assert len(twins) == len(CONCEPTS) == len({twin.name for twin in twins})

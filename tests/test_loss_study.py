@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from elite_tutorial import load_components
-from elite_tutorial.loss_study import WRONG, _with_another, loss_by_caption
 from elite_tutorial.mappers import GlobalMapper
+from elite_tutorial.studies.loss_study import WRONG, _with_another, loss_by_caption
 from elite_tutorial.toyworld.render import random_spec
+
+pytestmark = pytest.mark.research  # the loss study: `make test-research`
 
 
 def test_a_wrong_caption_changes_one_attribute_of_the_object():

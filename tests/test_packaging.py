@@ -100,11 +100,11 @@ LAYERS = {
     3: {"data"},
     4: {"toyworld", "toyworld.concepts", "toyworld.judge", "toyworld.models", "toyworld.render", "toyworld.sources",
         "toyworld.tokenizer", "mappers", "attention", "openimages"},
-    5: {"attention_maps", "attention_plots", "pipeline", "loss_study"},
+    5: {"attention_maps", "attention_plots", "pipeline"},
     6: {"training"},
     7: {"evaluation", "baselines", "explorer", "metrics"},
     8: {"studies", "studies.compounds", "studies.encoder", "studies.gates", "studies.mappable", "studies.pretrain",
-        "studies.report", "cli", "comparison", "seed_summary"},
+        "studies.report", "studies.loss_study", "cli", "comparison", "seed_summary"},
     9: {"exercises", "exercises.__main__", "exercises.editions", "exercises.feedback", "exercises.inputs", "exercises.chapter00",
         "exercises.chapter01", "exercises.chapter02", "exercises.chapter03", "exercises.chapter04", "exercises.chapter05"},
 }

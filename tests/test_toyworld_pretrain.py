@@ -12,6 +12,8 @@ from elite_tutorial.studies import pretrain as P
 from elite_tutorial.toyworld.judge import ToyJudge
 from elite_tutorial.toyworld.models import toy_tokenizer
 
+pytestmark = pytest.mark.research  # the pretraining study: `make test-research`
+
 RECIPE = replace(P.PROFILES["smoke"], pool_size=256, clip_steps=40, clip_batch=16, vae_steps=40, vae_batch=8,
                  unet_steps=40, unet_batch=16, judge_steps=40, judge_batch=32, warmup_steps=5,
                  checkpoint_every=1000)

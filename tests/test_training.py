@@ -69,6 +69,7 @@ def test_resume_latest_reaches_the_weights_of_an_uninterrupted_run(tiny, tmp_pat
     assert log["history"] == json.loads((tmp_path / "straight" / "log.json").read_text())["history"]
 
 
+@pytest.mark.research
 def test_learning_rate_schedules_fall_from_the_recipes_rate_to_zero():
     steps = 10
     assert [learning_rate_factor("constant", step, steps) for step in (0, 9)] == [1.0, 1.0]
@@ -81,6 +82,7 @@ def test_learning_rate_schedules_fall_from_the_recipes_rate_to_zero():
         replace(RECIPE, lr_schedule="step")
 
 
+@pytest.mark.research
 def test_a_falling_rate_makes_the_last_update_smaller_than_a_constant_rate_does(tiny, tmp_path):
     recipe = replace(RECIPE, steps=3, checkpoint_every=1, keep_checkpoints=3)
     train_global(tiny, source(), tmp_path / "constant", recipe)
@@ -124,6 +126,7 @@ def test_key_value_lr_scale_sets_the_copies_rate_and_zero_keeps_them_the_unets(t
     assert len(slow[1]["params"]) == len(copies)
 
 
+@pytest.mark.research
 def test_object_loss_weight_counts_the_objects_pixels_that_many_times(tiny):
     batch = source().batch(np.random.default_rng(0), 2)
     scheduler = DDPMScheduler()
@@ -143,6 +146,7 @@ def test_object_loss_weight_counts_the_objects_pixels_that_many_times(tiny):
         loss(replace(RECIPE, object_loss_weight=5.0), {k: v for k, v in batch.items() if k != "target_object_mask"})
 
 
+@pytest.mark.research
 def test_min_snr_weights_each_sample_by_min_snr_gamma_over_snr(tiny):
     batch = source().batch(np.random.default_rng(0), 4)
     scheduler = DDPMScheduler()
@@ -166,6 +170,7 @@ def test_min_snr_weights_each_sample_by_min_snr_gamma_over_snr(tiny):
         torch.testing.assert_close(loss(replace(RECIPE, snr_gamma=1e9)), loss(RECIPE))  # above every SNR: the plain mean
 
 
+@pytest.mark.research
 def test_key_value_drift_is_the_copies_relative_squared_distance_from_the_unets(tiny):
     mapper = GlobalMapper.from_components(tiny)
     assert float(mapper.key_value_drift(tiny.unet).detach()) == 0.0  # fresh copies are the UNet's own
@@ -181,6 +186,7 @@ def test_key_value_drift_is_the_copies_relative_squared_distance_from_the_unets(
     torch.testing.assert_close(to_k.weight.grad, 2 * step / size)  # toward the UNet's weight
 
 
+@pytest.mark.research
 def test_key_value_anchor_adds_its_loss_and_holds_the_copies_nearer_the_unets(tiny, tmp_path):
     batch = source().batch(np.random.default_rng(0), 2)
     mapper = GlobalMapper.from_components(tiny)
@@ -202,6 +208,7 @@ def test_key_value_anchor_adds_its_loss_and_holds_the_copies_nearer_the_unets(ti
     assert "loss_anchor" in json.loads((tmp_path / "held" / "log.json").read_text())["history"][-1]
 
 
+@pytest.mark.research
 def test_the_command_trains_on_the_object_alone_with_its_pixels_weighted_and_min_snr(tmp_path):
     elite_train(["global", "--preset", "tiny-random", "--profile", "smoke", "--steps", "1", "--toy-global-view", "object",
                  "--toy-global-target", "close-up",
@@ -222,6 +229,7 @@ def test_the_command_keeps_the_checkpoints_it_is_told_to(tmp_path):
     assert recipe["checkpoint_every"] == 1 and recipe["keep_checkpoints"] == 4
 
 
+@pytest.mark.research
 def test_the_command_trains_on_fixed_objects_and_validates_them_with_their_masks(tmp_path, recwarn):
     elite_train(["global", "--preset", "tiny-random", "--profile", "smoke", "--steps", "2", "--toy-fixed-objects", "3",
                  "--out", str(tmp_path / "run")])

@@ -6,7 +6,7 @@ The error is reported over the whole image (what stage 1 minimises) and over the
 only, per band of timesteps. A mapper's words can only be as good as the loss tells them to be: if a
 wrong shape barely raises the loss, no amount of training on it teaches shape.
 
-    python -m elite_tutorial.loss_study --mapper assets/toy-global-mapper --count 384
+    python -m elite_tutorial.studies.loss_study --mapper assets/toy-global-mapper --count 384
 """
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .attention import elite_attention
-from .components import ASSETS_DIR, Components, load_components
-from .data import clip_pixels, object_crop
-from .mappers import GlobalMapper, clip_feature_levels
-from .toyworld.render import COLOURS, PATTERNS, POSITION_PHRASES, SHAPES, _article, caption, exact_scene, random_spec
-from .words import encode_prompts_with_words
+from ..attention import elite_attention
+from ..components import ASSETS_DIR, Components, load_components
+from ..data import clip_pixels, object_crop
+from ..mappers import GlobalMapper, clip_feature_levels
+from ..toyworld.render import COLOURS, PATTERNS, POSITION_PHRASES, SHAPES, _article, caption, exact_scene, random_spec
+from ..words import encode_prompts_with_words
 
 TIMESTEP_BANDS = ((0, 250), (250, 500), (500, 750), (750, 1000))
 WRONG = {"wrong shape": ("shape", tuple(SHAPES)), "wrong colour": ("colour", tuple(COLOURS)),
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     folders = args.mapper or [ASSETS_DIR / "toy-global-mapper"]
     report = loss_by_caption(components, {str(f): GlobalMapper.from_pretrained(f).eval() for f in folders},
                              args.count, args.seed)
-    report["command"] = "python -m elite_tutorial.loss_study " + " ".join(f"--mapper {f}" for f in folders) + \
+    report["command"] = "python -m elite_tutorial.studies.loss_study " + " ".join(f"--mapper {f}" for f in folders) + \
         f" --count {args.count} --seed {args.seed}"
     text = json.dumps(report, indent=1)
     if args.out:

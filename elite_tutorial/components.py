@@ -256,14 +256,20 @@ def _load_sd14(device=None, dtype=None) -> Components:
 TOY_FOLDER = ASSETS_DIR / "toy-sd"
 
 
-def _load_toy(device=None, dtype=None) -> Components:
-    if not TOY_FOLDER.is_dir():
+def _load_shipped_folder(preset: str, folder: Path, in_git: str, rebuild: str, device=None, dtype=None) -> Components:
+    """A preset whose weights ship with the repository in `folder` (`in_git`, relative to the repository's
+    root); `rebuild` says how to write them again."""
+    if not folder.is_dir():
         raise PresetUnavailableError(
-            f"The 'toy' preset's weights are not at {TOY_FOLDER}. They ship with the repository; "
-            "restore the folder from git (`git checkout -- assets/toy-sd`), or rebuild it with the "
-            "toy pretraining command described in the README."
+            f"The {preset!r} preset's weights are not at {folder}. They ship with the repository; restore "
+            f"the folder from git (`git checkout -- {in_git}`), or {rebuild}."
         )
-    return load_components_folder(TOY_FOLDER, device, dtype)
+    return load_components_folder(folder, device, dtype)
+
+
+def _load_toy(device=None, dtype=None) -> Components:
+    return _load_shipped_folder("toy", TOY_FOLDER, "assets/toy-sd", "rebuild it with the toy pretraining command described in the "
+                                "README", device, dtype)
 
 
 TINY_RANDOM_FOLDER = ASSETS_DIR.parent / "tests" / "tiny-random"  # beside the tests it serves; assets/ keeps the toy world
@@ -275,13 +281,8 @@ def _load_tiny_random(device=None, dtype=None) -> Components:
     Sizes: text width 32; vision width 32 with 6 layers (feature levels, see `mappers`), 32 px
     images in 4 px patches (64 patches); VAE 32 px <-> 4x16x16 latents; UNet 2 levels.
     """
-    if not TINY_RANDOM_FOLDER.is_dir():
-        raise PresetUnavailableError(
-            f"The 'tiny-random' preset's weights are not at {TINY_RANDOM_FOLDER}. They ship with the "
-            "repository; restore the folder from git (`git checkout -- tests/tiny-random`), or write it "
-            "again with `python -m elite_tutorial.toyworld.models tiny-random --out tests/tiny-random`."
-        )
-    return load_components_folder(TINY_RANDOM_FOLDER, device, dtype)
+    return _load_shipped_folder("tiny-random", TINY_RANDOM_FOLDER, "tests/tiny-random", "write it again with `python -m "
+                                "elite_tutorial.toyworld.models tiny-random --out tests/tiny-random`", device, dtype)
 
 
 PRESETS: dict[str, Callable[..., Components]] = {

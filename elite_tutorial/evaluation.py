@@ -357,6 +357,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=writable_file, help="also write the report, with this command, to this JSON file")
     parser.add_argument("--device", default="cpu", help="the README's figures are from the CPU (fp32 either way)")
+    parser.add_argument("--without-class-word", action="store_true",
+                        help="leave the class-word baseline out (it does not depend on the mapper: a sweep over "
+                             "mappers needs it once)")
     parser.add_argument("--described", action="store_true",
                         help="also score the reference that writes the judge's reading of each concept in words "
                              "(and as one compound word)")
@@ -377,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe = ELITEPipeline(components, GlobalMapper.from_pretrained(args.mapper), local_mapper)
     judge = ToyJudge.from_pretrained(JUDGE_FOLDER).eval()
     report = fidelity_and_editability(pipe, judge, CONCEPT_SETS[args.concepts], samples=args.samples, seed=args.seed,
-                                      local_scale=args.local_scale)
+                                      local_scale=args.local_scale, with_baseline=not args.without_class_word)
     report["concept_set"] = args.concepts
     report["encode_ms_cpu"] = encode_milliseconds(pipe)
     report["word_norms"] = word_norms(pipe)

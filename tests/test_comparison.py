@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from elite_tutorial import load_components
+from elite_tutorial import evaluation, load_components
 from elite_tutorial.baselines import TI_PROFILES
 from elite_tutorial.comparison import METHODS, compare, table
 from elite_tutorial.components import ASSETS_DIR
@@ -157,3 +157,18 @@ def test_concepts_are_scored_against_their_true_labels_and_the_baseline_can_be_l
     assert alone["summary"]["fidelity"] == both["summary"]["fidelity"]  # seeded: the same images
     low, high = both["summary"]["fidelity_interval"]
     assert low <= both["summary"]["fidelity"] <= high
+
+
+def test_the_evaluation_command_can_leave_the_class_word_out(monkeypatch, tmp_path):
+    """A sweep over mappers scores the class word once: `--without-class-word` passes that on."""
+    seen = {}
+
+    def fake_scores(pipe, judge, concepts, samples, seed, local_scale, with_baseline):
+        seen["with_baseline"] = with_baseline
+        raise SystemExit(0)  # stop before anything is generated
+
+    monkeypatch.setattr(evaluation, "fidelity_and_editability", fake_scores)
+    for arguments, expected in (([], True), (["--without-class-word"], False)):
+        with pytest.raises(SystemExit):
+            evaluation.main(arguments)
+        assert seen.pop("with_baseline") is expected

@@ -351,8 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local-mapper", type=Path, help="also run ELITE's local branch with this LocalMapper")
     parser.add_argument("--local-scale", type=finite_number(), help="λ of the local branch (default 0.8; needs --local-mapper)")
     parser.add_argument("--concepts", choices=sorted(CONCEPT_SETS), default="test",
-                        help="score the sixteen test concepts, or the sixteen validation ones (held out alike) on "
-                             "which recipes and checkpoints are chosen")
+                        help="score the sixteen test concepts, the sixteen validation ones (held out alike) on "
+                             "which recipes and checkpoints are chosen, or the test concepts' training twins "
+                             "(identities seen in training: generalisation)")
     parser.add_argument("--samples", type=whole_number(1), default=8, help="images per concept and prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=writable_file, help="also write the report, with this command, to this JSON file")

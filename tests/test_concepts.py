@@ -46,7 +46,10 @@ def test_validation_identities_are_held_out_alike_and_apart_from_the_test_concep
     test = {(c.shape, c.colour, c.pattern) for c in CONCEPTS}
     validation = {(c.shape, c.colour, c.pattern) for c in VALIDATION_CONCEPTS}
     assert len(validation) == len(VALIDATION_CONCEPTS) == 16 and not validation & test
-    assert CONCEPT_SETS == {"test": CONCEPTS, "validation": VALIDATION_CONCEPTS}
+    assert CONCEPT_SETS["test"] == CONCEPTS and CONCEPT_SETS["validation"] == VALIDATION_CONCEPTS
+    twins = CONCEPT_SETS["training"]  # each test concept's shape and colour, in a pattern seen in training
+    assert len(twins) == len(CONCEPTS) and not any(is_held_out(ToyObject(t.shape, t.colour, t.pattern)) for t in twins)
+    assert [(t.shape, t.colour) for t in twins] == [(c.shape, c.colour) for c in CONCEPTS]
     training = [i for i in product(SHAPES, COLOURS, PATTERNS) if i not in test | validation]
     for concept in VALIDATION_CONCEPTS:
         assert concept.pattern != "solid" and concept.colour != "green"

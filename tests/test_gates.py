@@ -8,8 +8,8 @@ import torch
 from elite_tutorial.components import load_components
 from elite_tutorial.evaluation import bootstrap_interval
 from elite_tutorial.studies.gates import TARGETS, main, method_file, record_gate, record_method, verdicts
-from elite_tutorial.studies.mappable import every_identity, fit_word_map, mapped_concept_words, nearest_identities, training_twins
-from elite_tutorial.toyworld.concepts import CONCEPTS, HELD_OUT_IDENTITIES
+from elite_tutorial.studies.mappable import every_identity, fit_word_map, mapped_concept_words, nearest_identities
+from elite_tutorial.toyworld.concepts import CONCEPTS, HELD_OUT_IDENTITIES, training_twins
 from elite_tutorial.words import compound_embeddings
 
 

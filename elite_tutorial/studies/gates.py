@@ -44,11 +44,11 @@ from ..components import ASSETS_DIR, load_components
 from ..evaluation import JUDGE_FOLDER, class_word_generator, compound_generator, described_generator, score, textual_inversion_generator
 from ..pipeline import TOY_DEFAULTS
 from ..storage import write_json_atomic
-from ..toyworld.concepts import CONCEPTS, IDENTITY, OUT_OF_SPAN, concept_views
+from ..toyworld.concepts import CONCEPTS, IDENTITY, OUT_OF_SPAN, concept_views, training_twins
 from ..toyworld.judge import ToyJudge, accuracy
 from ..toyworld.render import exact_scene
 from .encoder import identity_probe, load_encoder, probe_specs
-from .mappable import mapped_concept_words, training_twins
+from .mappable import mapped_concept_words
 
 RESULTS = Path("results")
 GATES_FILE = "toy_gates.json"
@@ -186,7 +186,7 @@ def gate_mappable(results: Path, command: str, components_folder: str, encoder_f
     """Gate 3 (`mappable.py`): the concepts' words mapped from their first views, read at S by
     `components`' text encoder (one taught compound words), scored into `results/methods/fitted_map.json`;
     beside them the concepts' own compound words (what a perfect map would write). With `twins`, the
-    same on the concepts' training twins (`mappable.training_twins`), into "... (training identities)"."""
+    same on the concepts' training twins (`concepts.training_twins`), into "... (training identities)"."""
     components = load_components(components_folder, device="cpu", dtype=torch.float32)
     judge = ToyJudge.from_pretrained(JUDGE_FOLDER).eval()
     folder, record = _encoder_and_record(encoder_folder)

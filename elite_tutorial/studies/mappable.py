@@ -23,7 +23,7 @@ import torch
 from transformers import CLIPVisionModel
 
 from ..components import Components
-from ..toyworld.concepts import CONCEPTS, HELD_OUT_IDENTITIES, PersonalConcept, concept_views
+from ..toyworld.concepts import CONCEPTS, concept_views
 from ..toyworld.render import COLOURS, PATTERNS, SHAPES, described
 from ..words import compound_embeddings
 from .encoder import PROBE_SEED, box_view, mapper_features, probe_specs, view_features
@@ -53,21 +53,6 @@ def fit_ridge(features: torch.Tensor, targets: torch.Tensor, alpha: float) -> Wo
     x = (x - mean) / scale
     weight = torch.linalg.solve(x.T @ x + alpha * torch.eye(x.shape[1], dtype=x.dtype), x.T @ (y - y.mean(0)))
     return WordMap(mean, scale, weight, y.mean(0), alpha)
-
-
-def training_twins(concepts=CONCEPTS) -> tuple[PersonalConcept, ...]:
-    """For each personal concept, the training identity of its shape and colour with the next pattern
-    that is no concept's ("red dotted heart" -> "red striped heart"): sixteen objects the map and the
-    taught text encoder have seen, in the same views, to tell their generalisation from their fit."""
-    patterned = [pattern for pattern in PATTERNS if pattern != "solid"]
-    twins = []
-    for concept in concepts:
-        start = patterned.index(concept.pattern)
-        for pattern in patterned[start + 1:] + patterned[:start]:
-            if (concept.shape, concept.colour, pattern) not in HELD_OUT_IDENTITIES:
-                twins.append(PersonalConcept(concept.shape, concept.colour, pattern))
-                break
-    return tuple(twins)
 
 
 def _figure(value) -> float:

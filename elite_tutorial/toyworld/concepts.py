@@ -112,9 +112,27 @@ VALIDATION_CONCEPTS: tuple[PersonalConcept, ...] = (
     PersonalConcept("circle", "yellow", "dotted"),
     PersonalConcept("triangle", "yellow", "dotted"),
 )
-CONCEPT_SETS = {"test": CONCEPTS, "validation": VALIDATION_CONCEPTS}
-
 HELD_OUT_IDENTITIES = frozenset((c.shape, c.colour, c.pattern) for c in (*CONCEPTS, *VALIDATION_CONCEPTS))
+
+
+def training_twins(concepts=CONCEPTS) -> tuple[PersonalConcept, ...]:
+    """For each personal concept, the training identity of its shape and colour with the next pattern
+    that is no concept's ("red dotted heart" -> "red striped heart"): sixteen objects the encoders, the
+    map and the taught text encoder have seen, in the same views, to tell generalisation from fit."""
+    patterned = [pattern for pattern in PATTERNS if pattern != "solid"]
+    twins = []
+    for concept in concepts:
+        start = patterned.index(concept.pattern)
+        for pattern in patterned[start + 1:] + patterned[:start]:
+            if (concept.shape, concept.colour, pattern) not in HELD_OUT_IDENTITIES:
+                twins.append(PersonalConcept(concept.shape, concept.colour, pattern))
+                break
+    return tuple(twins)
+
+
+# what `--concepts` chooses: the test concepts (every figure), the validation ones (choosing recipes),
+# and the test concepts' training twins (generalisation: the same views of identities seen in training)
+CONCEPT_SETS = {"test": CONCEPTS, "validation": VALIDATION_CONCEPTS, "training": training_twins()}
 
 
 def is_held_out(obj: ToyObject) -> bool:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections import Counter
@@ -173,6 +174,20 @@ def through_key_values(generate: Generate, components, mapper: GlobalMapper) -> 
     return generate_through_copies
 
 
+def method_file(folder: str | Path, method: str) -> Path:
+    """Where `method`'s results file lives in `folder`: "Textual Inversion" -> textual_inversion.json,
+    "fitted map (training identities)" -> fitted_map_training_identities.json."""
+    return Path(folder) / f"{re.sub(r'[^a-z0-9]+', '_', method.lower()).strip('_')}.json"
+
+
+def record_method(folder: str | Path, method: str, scores: dict, command: str, **settings) -> Path:
+    """One method's scores (`score`'s summary and rows) as `folder/<method>.json`, with the command that
+    made them and its settings: the file every table and chapter reads."""
+    path = method_file(folder, method)
+    write_json_atomic(path, {"method": method, "command": command, **settings, **scores})
+    return path
+
+
 def bootstrap_interval(values, confidence: float = 0.95, resamples: int = 10_000, seed: int = 0) -> list[float]:
     """The percentile bootstrap interval of the mean of `values` (one per concept): [low, high]."""
     values = np.asarray(values, dtype=np.float64)
@@ -187,7 +202,7 @@ def score(generate: Generate, judge: ToyJudge, concepts=CONCEPTS, samples: int =
     """The toy judge's fidelity and editability of a method (see the module doc), and with `metrics`
     the paper's CLIP-T (all four prompts, the class word read in place of S), CLIP-I and DINO-I (all
     generated images against the concept's four views). Returns {"summary": means, with 95 % bootstrap
-    intervals over concepts for fidelity and editability, "concepts": rows}."""
+    intervals over concepts for fidelity, editability and the metrics, "concepts": rows}."""
     prompts = {"fidelity": "a photo of a S", **{attribute: prompt for attribute, (prompt, _) in EDITS.items()}}
     generated = {key: generate(prompt) for key, prompt in tqdm(prompts.items(), desc="prompts", leave=False,
                                                                   disable=not progress)}
@@ -209,8 +224,9 @@ def score(generate: Generate, judge: ToyJudge, concepts=CONCEPTS, samples: int =
             row["dino_i"] = float(dino_i(metrics, everything, views).mean())
         rows.append(row)
     summary = {key: round(float(np.mean([r[key] for r in rows])), 3) for key in rows[0] if key not in ("concept", "identity")}
-    for key in ("fidelity", "editability"):
-        summary[f"{key}_interval"] = bootstrap_interval([r[key] for r in rows])
+    for key in ("fidelity", "editability", "clip_t", "clip_i", "dino_i"):
+        if key in rows[0]:
+            summary[f"{key}_interval"] = bootstrap_interval([r[key] for r in rows])
     return {"summary": summary, "concepts": rows}
 
 

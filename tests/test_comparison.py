@@ -1,5 +1,6 @@
 """The toy comparison table: every method scored on the same protocol, reproducible from its seed; the
 reference that describes each concept in words, plain and through a mapper's k/v copies."""
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -8,7 +9,16 @@ import torch
 
 from elite_tutorial import evaluation, load_components
 from elite_tutorial.baselines import TI_PROFILES
-from elite_tutorial.comparison import METHODS, compare, table
+from elite_tutorial.comparison import (
+    METHODS,
+    cached_inversions,
+    compare,
+    components_fingerprint,
+    load,
+    record,
+    speedup,
+    table,
+)
 from elite_tutorial.components import ASSETS_DIR
 from elite_tutorial.evaluation import (
     JUDGE_FOLDER,
@@ -19,6 +29,7 @@ from elite_tutorial.evaluation import (
     described_generator,
     edit_success,
     fidelity_and_editability,
+    method_file,
     sayable_fidelity,
     sayable_inversion_fidelity,
     sayable_objects,
@@ -33,19 +44,44 @@ from elite_tutorial.toyworld.judge import ToyJudge
 from elite_tutorial.toyworld.render import COLOURS, PATTERNS, SHAPES, ToyObject
 
 
-def test_a_rerun_with_the_same_seed_gives_the_same_table():
+def test_a_rerun_on_two_concepts_and_one_sample_gives_the_same_rows(tmp_path):
+    """The second run reads the first's Textual Inversion words back from the cache: every row is the same,
+    and each method's file is written, read back and tabled."""
     components = load_components("toy", device="cpu")
     global_mapper = GlobalMapper.from_pretrained(ASSETS_DIR / "toy-global-mapper")
     local_mapper = LocalMapper.from_pretrained(ASSETS_DIR / "toy-local-mapper")
-    runs = [compare(components, global_mapper, local_mapper, CONCEPTS[:1], samples=1, ti_profile="smoke", progress=False)
-            for _ in range(2)]
+    cache = tmp_path / "words.json"
+    runs = [compare(components, global_mapper, local_mapper, CONCEPTS[:2], samples=1, ti_profile="smoke", ti_cache=cache,
+                    progress=False) for _ in range(2)]
     assert list(runs[0]["methods"]) == list(METHODS)
     for method in METHODS:
         first, second = (run["methods"][method] for run in runs)
         assert first["summary"] == second["summary"] and first["concepts"] == second["concepts"]
-        assert {"fidelity", "editability", "clip_t", "clip_i", "dino_i"} <= set(first["summary"])
-    assert runs[0]["methods"]["Textual Inversion"]["seconds_per_concept"] > runs[0]["methods"]["ELITE global"]["seconds_per_concept"] > 0
-    assert table(runs[0]).count("\n") == len(METHODS) + 1
+        assert {"fidelity", "editability", "clip_t", "clip_i", "dino_i", "dino_i_interval"} <= set(first["summary"])
+    words = json.loads(cache.read_text())
+    assert set(words["words"]) == {c.name for c in CONCEPTS[:2]} and words["profile"] == "smoke"
+    fitted = runs[0]["methods"]["Textual Inversion"]["seconds_per_concept"]
+    encode = runs[0]["methods"]["ELITE global"]["seconds_per_concept"]
+    assert fitted == runs[1]["methods"]["Textual Inversion"]["seconds_per_concept"] > encode > 0
+    paths = record(runs[0], tmp_path / "methods", "python -m elite_tutorial.comparison")
+    assert sorted(p.name for p in paths) == sorted(method_file(tmp_path, m).name for m in METHODS)
+    saved = load(tmp_path / "methods")
+    assert list(saved) == list(METHODS) and saved["ELITE global"]["concepts"] == runs[0]["methods"]["ELITE global"]["concepts"]
+    assert saved["class word"]["samples_per_prompt"] == 1 and table(saved).count("\n") == len(METHODS) + 1
+    assert speedup(saved) == fitted / saved["ELITE global + local"]["seconds_per_concept"]
+
+
+def test_the_words_cache_is_refused_when_made_with_other_settings(tmp_path):
+    components = load_components("toy", device="cpu")
+    cache = tmp_path / "words.json"
+    cache.write_text(json.dumps({"profile": "toy", "seed": 0, "components": components_fingerprint(components), "words": {}}))
+    with pytest.raises(ValueError, match="other settings"):
+        cached_inversions(components, CONCEPTS[:1], "smoke", 0, cache, progress=False)
+    unoptimised = {"profile": "smoke", "seed": 0, "components": components_fingerprint(components),
+                   "words": {CONCEPTS[0].name: {"embedding": [0.5] * components.text_encoder.config.hidden_size, "seconds": 7.0}}}
+    cache.write_text(json.dumps(unoptimised))
+    words, seconds = cached_inversions(components, CONCEPTS[:1], "smoke", 0, cache, progress=False)
+    assert seconds == [7.0] and torch.equal(words, torch.full((1, components.text_encoder.config.hidden_size), 0.5))
 
 
 def test_the_concept_described_in_words_beats_its_class_word():

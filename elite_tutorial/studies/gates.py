@@ -17,7 +17,7 @@ each cheaper to check than the last is to train:
 Run them in this order and stop at the first that fails: a failed gate changes the world, not a
 mapper's recipe. Each gate writes its entry of `results/toy_gates.json` (figures, targets, whether
 each is met, the command, seconds); gate 1 also writes one results file per method,
-`results/methods/<method>.json` (summary with 95 % bootstrap intervals over concepts, and rows).
+`results/gates/<method>.json` (summary with 95 % bootstrap intervals over concepts, and rows).
 
     python -m elite_tutorial.studies.gates drawable
     python -m elite_tutorial.studies.gates readable [--encoder FOLDER]
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import evaluation
 from ..baselines import TI_PROFILES, textual_inversion
 from ..components import ASSETS_DIR, load_components
 from ..evaluation import JUDGE_FOLDER, class_word_generator, compound_generator, described_generator, score, textual_inversion_generator
@@ -87,16 +87,13 @@ def record_gate(results: Path, gate: str, figures: dict[str, float], details: di
 
 
 def method_file(results: Path, method: str) -> Path:
-    """Where `method`'s results file lives: `results/methods/<method>.json` ("Textual Inversion" ->
-    textual_inversion.json, "fitted map (training identities)" -> fitted_map_training_identities.json)."""
-    return results / "methods" / f"{re.sub(r'[^a-z0-9]+', '_', method.lower()).strip('_')}.json"
+    """Where a gate's method file lives: `results/gates/<method>.json` (`evaluation.method_file`)."""
+    return evaluation.method_file(results / "gates", method)
 
 
 def record_method(results: Path, method: str, scores: dict, command: str, **settings) -> Path:
-    """One method's scores as `results/methods/<method>.json`: what every table and chapter reads."""
-    path = method_file(results, method)
-    write_json_atomic(path, {"method": method, "command": command, **settings, **scores})
-    return path
+    """A gate's method scores as `results/gates/<method>.json` (`evaluation.record_method`)."""
+    return evaluation.record_method(results / "gates", method, scores, command, **settings)
 
 
 def _inversions(components, concepts, samples: int, seed: int, ti_profile: str):
@@ -184,7 +181,7 @@ def gate_readable(encoder_folder: Path | None) -> tuple[dict, dict]:
 def gate_mappable(results: Path, command: str, components_folder: str, encoder_folder: Path | None,
                   samples: int = 8, seed: int = 0, training: int = 6000, twins: bool = False) -> tuple[dict, dict]:
     """Gate 3 (`mappable.py`): the concepts' words mapped from their first views, read at S by
-    `components`' text encoder (one taught compound words), scored into `results/methods/fitted_map.json`;
+    `components`' text encoder (one taught compound words), scored into `results/gates/fitted_map.json`;
     beside them the concepts' own compound words (what a perfect map would write). With `twins`, the
     same on the concepts' training twins (`concepts.training_twins`), into "... (training identities)"."""
     components = load_components(components_folder, device="cpu", dtype=torch.float32)

@@ -175,7 +175,9 @@ def load_or_generate(path: Path, samples: int, seed: int) -> dict[str, np.ndarra
             generated = {key: saved[key] for key in saved.files}
         if int(generated.pop("samples")) == samples and int(generated.pop("seed")) == seed:
             return generated
+    started = time.perf_counter()
     generated = generate_images(samples, seed)
+    generated["seconds"] = np.asarray(round(time.perf_counter() - started, 1))  # kept with the images
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.stem}.partial.npz")
     np.savez_compressed(partial, samples=samples, seed=seed, **generated)
@@ -189,14 +191,16 @@ def read_all(reader: AttributeReader, images: np.ndarray) -> dict[str, np.ndarra
 
 def fidelity_under(reads: dict[str, np.ndarray], generated: dict[str, np.ndarray], method: str,
                    identities: list[dict[str, str]]) -> dict:
-    """Fidelity (identity agreement on "a photo of a S") and editability (`evaluation.edit_success`) of
+    """Fidelity (identity agreement on "a photo of a S"; and per identity attribute) and editability (`evaluation.edit_success`) of
     one method as one reader reads it, per concept and averaged, scored as `evaluation.score` scores."""
     rows = []
     for index, identity in enumerate(identities):
         mine = (generated["method"] == method) & (generated["concept"] == index)
         picked = {key: {name: list(values[mine & (generated["prompt"] == key)]) for name, values in reads.items()}
                   for key in PROMPTS}
-        row = {"fidelity": float(np.mean([[p == identity[name] for p in picked["fidelity"][name]] for name in IDENTITY]))}
+        read_as_identity = {name: float(np.mean([p == identity[name] for p in picked["fidelity"][name]])) for name in IDENTITY}
+        row = {"fidelity": float(np.mean(list(read_as_identity.values()))),
+               **{f"fidelity_{name}": value for name, value in read_as_identity.items()}}
         row.update({f"edit_{a}": edit_success(picked[a], identity, a, wanted) for a, (_, wanted) in EDITS.items()})
         row["editability"] = float(np.mean([row[f"edit_{a}"] for a in EDITS]))
         rows.append(row)
@@ -256,10 +260,13 @@ def tally(picks: list[dict], eye_labels_file: Path) -> dict:
     if bad := sorted({entry["verdict"] for entry in labels.values()} - set(EYE_VERDICTS)):
         raise ValueError(f"{eye_labels_file}: unknown verdicts {bad}; use one of {', '.join(EYE_VERDICTS)}.")
     verdicts = [labels[p["pick"]]["verdict"] for p in picks]
-    by_attribute = {a: dict(Counter(labels[p["pick"]]["verdict"] for p in picks if p["attribute"] == a))
-                    for a in dict.fromkeys(p["attribute"] for p in picks)}
+    def counts(key) -> dict[str, dict[str, int]]:
+        return {group: dict(Counter(labels[p["pick"]]["verdict"] for p in picks if key(p) == group))
+                for group in dict.fromkeys(key(p) for p in picks)}
     return {"labelled": len(verdicts), "verdicts": {v: verdicts.count(v) for v in EYE_VERDICTS},
-            "by_attribute": by_attribute, "figure": labelled.get("figure")}
+            "by_attribute": counts(lambda p: p["attribute"]),
+            "by_readings": counts(lambda p: f"{p['attribute']}: {p['judge']} -> {p['second_reader']}"),
+            "by_method": counts(lambda p: p.get("method", "unknown")), "figure": labelled.get("figure")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,7 +287,8 @@ def compare(args, command: str) -> dict:
         fidelity[method] = {"judge": under["judge"]["summary"], "second reader": under["second reader"]["summary"],
                             "fidelity_difference": round(float(np.mean(difference)), 3),
                             "fidelity_difference_interval": bootstrap_interval(difference)}
-    picks = pick_disagreements(judge_reads, second_reads, args.picks, args.seed)
+    picks = [{**pick, "method": str(generated["method"][pick["image"]]), "prompt": str(generated["prompt"][pick["image"]])}
+             for pick in pick_disagreements(judge_reads, second_reads, args.picks, args.seed)]
     contact_sheet(generated["images"], picks, generated, args.figure)
     record = json.loads((Path(args.second_reader) / "record.json").read_text())
     identity_disagreements = int(sum(np.sum(judge_reads[a] != second_reads[a]) for a in IDENTITY))
@@ -295,7 +303,8 @@ def compare(args, command: str) -> dict:
     report = {
         "command": command,
         "images": {"count": len(generated["images"]), "methods": list(METHODS), "prompts": PROMPTS,
-                   "concepts": "test (16)", "samples_per_prompt": args.samples, "seed": args.seed},
+                   "concepts": "test (16)", "samples_per_prompt": args.samples, "seed": args.seed,
+                   "generation_seconds": float(generated["seconds"]), "file": _relative(args.images) + " (not committed)"},
         "readers": {"judge": "ToyJudge, assets/toy-eval/judge",
                     "second reader": f"ResidualReader, {_relative(args.second_reader)}, seed {record['seed']}"},
         "second_reader_clean_accuracy": record["clean_accuracy"],
@@ -310,7 +319,7 @@ def compare(args, command: str) -> dict:
                               [judge_reads[a] != second_reads[a] for a in IDENTITY], axis=0))),
                           "whose_reading_is_the_concepts_value": dict(matching),
                           "figure": _relative(args.figure), "picked": picks},
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(time.perf_counter() - started, 1),  # this run (the images may have been read back)
     }
     if args.eye_labels.is_file():
         report["eye_labels"] = {"file": _relative(args.eye_labels), **tally(picks, args.eye_labels)}

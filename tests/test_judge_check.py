@@ -27,6 +27,7 @@ def test_the_second_reader_has_the_judges_interface(tmp_path):
     assert again.predict(images) == reader.predict(images)
 
 
+@pytest.mark.research
 def test_cohen_kappa_on_known_cases():
     labels = np.array(["a", "b", "c", "a", "b"])
     assert cohen_kappa(labels, labels) == pytest.approx(1.0)

@@ -104,7 +104,8 @@ LAYERS = {
     6: {"training"},
     7: {"evaluation", "baselines", "explorer", "metrics"},
     8: {"studies", "studies.compounds", "studies.encoder", "studies.gates", "studies.mappable", "studies.pretrain",
-        "studies.report", "studies.loss_study", "cli", "comparison", "seed_summary", "attention_on_object"},
+        "studies.report", "studies.loss_study", "studies.judge_check", "cli", "comparison", "seed_summary",
+        "attention_on_object"},
     9: {"exercises", "exercises.__main__", "exercises.editions", "exercises.feedback", "exercises.inputs", "exercises.chapter00",
         "exercises.chapter01", "exercises.chapter02", "exercises.chapter03", "exercises.chapter04", "exercises.chapter05"},
 }

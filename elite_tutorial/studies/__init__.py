@@ -9,6 +9,7 @@ were measured against (`docs/toy-world.md`, `docs/toy-world-v2.md`).
 | `compounds` | teaching the toy text encoder compound words; fitting a mapper onto them |
 | `mappable` | whether a map from image features to words exists (gate 3) |
 | `gates` | the toy world's gates, each written into `results/` |
+| `judge_check` | a second reader of the attributes, checking the judge on generated images (`docs/judge-check.md`) |
 
 They sit above `evaluation` and `baselines`, which they use; the world (`toyworld`), the core and
 evaluation import none of them. Until the package was split this way they were `elite_tutorial.toyworld.<study>`,

@@ -398,12 +398,14 @@ def train_unet(pool: ScenePool, tokenizer, text_encoder: CLIPTextModel, vae, rec
     return ema, history
 
 
-def train_judge(recipe: Recipe, work: Path, device, stop_after=None):
+def train_judge(recipe: Recipe, work: Path, device, stop_after=None, make_reader: Callable[[], torch.nn.Module] = ToyJudge):
+    """The judge (or, with `make_reader`, another reader of the same attributes: `studies.judge_check`) on
+    single-object scenes of its own pool, drawn from the recipe's seed, with a little blur and noise."""
     pool = ScenePool(recipe.seed * 1_000_000 + 500_000, max(recipe.pool_size // 2, 64), two_object_probability=0.0,
                      cache=work / "judge-pool.npy")
     labels = label_indices([spec.labels() for spec in pool.specs])
     _seed_init(recipe, "judge")
-    judge = ToyJudge().to(device)
+    judge = make_reader().to(device)
 
     def make_batch(rng):
         index = rng.integers(len(pool), size=recipe.judge_batch)

@@ -6,7 +6,7 @@
 | `concepts` | the personal concepts, held out of every training source, in the authors' folder layout |
 | `tokenizer` | a real `CLIPTokenizer` trained on a short word list |
 | `models` | the miniature models' configurations; the `tiny-random` preset's folder |
-| `judge` | the classifier that reads every attribute of an image (evaluation) |
+| `judge` | the classifier that reads every attribute of an image (evaluation), and a second reader that checks it |
 | `sources` | the toy training sources of ELITE's mappers (`ToyWorldSource`, `FixedObjectsSource`) |
 
 The world lies low (docs/layers.md): it imports nothing above `data`, `components` and `storage`, so

@@ -21,7 +21,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from .arguments import path_argument
@@ -305,11 +304,6 @@ def target_pixels(image: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(pixels / 127.5 - 1).permute(2, 0, 1)
 
 
-def target_object_mask(masks: np.ndarray, size: int) -> torch.Tensor:
-    """(B, H, W) boolean object masks -> (B, 1, size, size): the fraction of each target pixel the object covers."""
-    return F.adaptive_avg_pool2d(torch.from_numpy(masks[:, None].astype(np.float32)), size)
-
-
 class TrainingSource(Protocol):
     """Where training samples come from (the toy world's: `toyworld.sources`; photos: `OpenImagesSource`).
     `batch` is a pure function of `rng` (exact resume)."""
@@ -317,8 +311,7 @@ class TrainingSource(Protocol):
     global_view: str  # what `clip_pixels` shows of an image: one of GLOBAL_VIEWS
 
     def batch(self, rng: np.random.Generator, size: int) -> dict:
-        """`pixel_values` (B, 3, R, R) in [-1, 1]; `clip_pixels` (B, 3, S, S) in [0, 1]; `prompts`;
-        where the source knows its objects, `target_object_mask` (B, 1, R, R) in [0, 1]."""
+        """`pixel_values` (B, 3, R, R) in [-1, 1]; `clip_pixels` (B, 3, S, S) in [0, 1]; `prompts`."""
 
     def validation_images(self) -> list[Image.Image]:
         """A few fixed images to show what the mapper makes of them during training."""

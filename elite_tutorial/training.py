@@ -9,10 +9,6 @@ One optimisation step of stage 1 (the authors' `train_global.py`, restated on di
     loss_reg  = 0.01 * mean |words|
     AdamW on the mapper (MLPs + k/v copies) only; VAE, UNet and both CLIP towers frozen.
 
-Three departures from the authors, off by default (`GlobalRecipe`): `object_loss_weight` counts the
-object's latent pixels more in loss_mle, `snr_gamma` weights each sample by Min-SNR-γ, and
-`key_value_anchor` adds loss_anchor, which pulls the k/v copies back toward the UNet's own.
-
 Stage 2 (`train_local`, the authors' `train_local.py`) freezes the global mapper and trains a
 `LocalMapper` through ELITE's local attention branch; see `local_step_losses`.
 
@@ -26,7 +22,7 @@ Output folder:
     mapper/                 the final mapper (save_pretrained: config.json + model.safetensors, + log.json)
     checkpoints/step-N/     mapper/ + training_state.safetensors (optimizer, step); the last K kept
     validation/step-N.png   reference images and what the mapper makes of them, every N steps
-    log.json                the recipe and loss_mle / loss_reg (/ loss_anchor) per step
+    log.json                the recipe and loss_mle / loss_reg per step
 """
 from __future__ import annotations
 
@@ -43,10 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from diffusers import DDPMScheduler
-from diffusers.training_utils import compute_snr
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -68,22 +62,6 @@ from .storage import (
 )
 from .words import encode_prompts_with_words, tokenize_with_placeholder
 
-LR_SCHEDULES = ("constant", "linear", "cosine")
-
-
-def learning_rate_factor(schedule: str, step: int, steps: int) -> float:
-    """The learning rate of optimizer step `step` (0-based) of a `steps`-step run, as a fraction of the
-    recipe's. A rate that falls to 0 averages out the noise of the last steps' updates, which a constant
-    rate leaves in the final weights."""
-    progress = step / steps
-    if schedule == "constant":
-        return 1.0
-    if schedule == "linear":
-        return 1.0 - progress
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
-
 
 @dataclass(frozen=True)
 class _Recipe:
@@ -96,14 +74,12 @@ class _Recipe:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     key_value_lr_scale: float = 1.0 # the k/v copies' learning rate / the mapping MLPs' (0: kept frozen)
-    lr_schedule: str = "constant"   # the rate over the run: "constant" (the authors'), or down to 0 at the end ("linear", "cosine")
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     validate_every: int = 500
     seed: int = 0
 
     def __post_init__(self):
-        learning_rate_factor(self.lr_schedule, 0, 1)  # an unknown schedule is refused here, not at the first step
         # refused here, not after a silently wrong run (no step taken, all checkpoints kept or deleted, NaN weights)
         for name in ("steps", "batch_size", "gradient_accumulation", "checkpoint_every", "keep_checkpoints", "validate_every"):
             if getattr(self, name) < 1:
@@ -118,9 +94,6 @@ class GlobalRecipe(_Recipe):
 
     num_words: int = 5              # words injected at the placeholder in training (w0..w{n-1})
     reg_weight: float = 0.01        # weight of mean |words|
-    object_loss_weight: float = 1.0 # weight of the object's latent pixels in loss_mle, the rest 1 (1: the authors' mean)
-    snr_gamma: float | None = None  # Min-SNR-γ: each sample's loss x min(SNR(t), γ) / SNR(t) (None: the authors' plain mean)
-    key_value_anchor: float = 0.0   # weight of the k/v copies' relative squared drift from the UNet's own (0: the authors' free copies)
 
     def __post_init__(self):
         super().__post_init__()
@@ -185,8 +158,7 @@ def training_step_losses(components: Components, mapper: GlobalMapper, batch: di
     """The two losses of one (micro-)batch. ELITE's processors must be installed on the UNet.
 
     batch: `pixel_values` (B, 3, H, W) in [-1, 1] (the UNet's target image), `clip_pixels`
-    (B, 3, S, S) in [0, 1] (the augmented image for CLIP), `prompts` (B strings with `S`), and
-    for `recipe.object_loss_weight` != 1, `target_object_mask` (B, 1, H, W) in [0, 1].
+    (B, 3, S, S) in [0, 1] (the augmented image for CLIP), `prompts` (B strings with `S`).
     """
     c = components
     noisy, noise, timesteps = _noised_latents(c, batch["pixel_values"], noise_scheduler, generator)
@@ -194,32 +166,8 @@ def training_step_losses(components: Components, mapper: GlobalMapper, batch: di
     context = encode_prompts_with_words(batch["prompts"], words.to(c.text_encoder.dtype), c.tokenizer, c.text_encoder)
     prediction = c.unet(noisy, timesteps, encoder_hidden_states=context).sample
     squared = (prediction.float() - noise.float()).square()
-    losses = {"loss_reg": recipe.reg_weight * words.abs().mean()}
-    if recipe.key_value_anchor:
-        # the copies read every word of every caption: held near the UNet's own, they keep what the
-        # UNet knows about the words that are not the concept's (positions, backgrounds, sizes)
-        losses["loss_anchor"] = recipe.key_value_anchor * _unwrapped(mapper).key_value_drift(c.unet)
-    if recipe.object_loss_weight == 1 and recipe.snr_gamma is None:  # the authors' plain mean
-        return {"loss_mle": squared.mean(), **losses}
-    if recipe.object_loss_weight == 1:
-        per_sample = squared.mean((1, 2, 3))
-    else:  # a weighted mean per sample: the object's pixels count `object_loss_weight` times
-        if "target_object_mask" not in batch:
-            raise ValueError("object_loss_weight needs object masks; this training source gives none.")
-        share = F.adaptive_avg_pool2d(batch["target_object_mask"].to(squared.device, torch.float32), squared.shape[-2:])
-        weight = 1 + (recipe.object_loss_weight - 1) * share  # (B, 1, h, w): the object's share of each latent pixel
-        per_sample = (squared * weight).sum((1, 2, 3)) / (weight.sum((1, 2, 3)) * squared.shape[1])
-    if recipe.snr_gamma is not None:
-        # Min-SNR-γ (Hang et al. 2023; diffusers' --snr_gamma): the nearly clean timesteps, where the
-        # error is largest and says least about the object, stop outweighing the noisy ones
-        snr = compute_snr(noise_scheduler, timesteps)
-        per_sample = per_sample * snr.clamp(max=recipe.snr_gamma) / snr
-    return {"loss_mle": per_sample.mean(), **losses}
-
-
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DistributedDataParallel wrapper (`accelerate` adds one on several processes)."""
-    return getattr(model, "module", model)
+    loss_reg = recipe.reg_weight * words.abs().mean()
+    return {"loss_mle": squared.mean(), "loss_reg": loss_reg}
 
 
 def local_step_losses(components: Components, global_mapper: GlobalMapper, local_mapper: LocalMapper, batch: dict,
@@ -257,6 +205,29 @@ def local_step_losses(components: Components, global_mapper: GlobalMapper, local
 
 # --------------------------------------------------------------------------------------------------
 # The run folder and its checkpoints.
+
+# Recipe fields of options that were removed (docs/flags.md, "Removed"), with the value that meant the
+# behaviour every run now has. A saved recipe (a checkpoint's or a run's log.json) that holds one of
+# them at that value reads as today's recipe; at another value it was a v1 research run, which this
+# code cannot continue.
+REMOVED_FIELDS = {"lr_schedule": "constant", "object_loss_weight": 1.0, "snr_gamma": None, "key_value_anchor": 0.0}
+LAST_COMMIT_WITH_REMOVED_OPTIONS = "8d8a8ae5611c585f0e8d7ddeab8f96b3e4458098"
+
+
+def saved_recipe(saved: dict, recipe: _Recipe, where: str = "the saved recipe") -> dict:
+    """A recipe read back from a log (`saved`, a dict) in terms of `recipe`'s fields: a field it lacks
+    was added later, with a default that keeps the old behaviour; a removed field (`REMOVED_FIELDS`) is
+    dropped when it holds the behaviour every run now has, and refused otherwise. Other keys stay, so
+    a comparison with `asdict(recipe)` names them."""
+    for name, value in saved.items():
+        if name in REMOVED_FIELDS and value != REMOVED_FIELDS[name]:
+            raise ValueError(f"{where} sets {name}={value!r}, an option removed from elite-train (docs/flags.md, "
+                             f"\"Removed\"); continue that run at commit {LAST_COMMIT_WITH_REMOVED_OPTIONS[:12]}.")
+    kept = {k: v for k, v in saved.items() if k not in REMOVED_FIELDS}
+    return {**{f.name: f.default for f in fields(recipe)}, **kept}
+
+RUN_ENTRIES = ("checkpoints", "validation", "mapper", "log.json")  # what a run writes into its --out
+CHECKPOINT_FILES = ("mapper", "training_state.safetensors", "log.json")
 
 RUN_ENTRIES = ("checkpoints", "validation", "mapper", "log.json")  # what a run writes into its --out
 CHECKPOINT_FILES = ("mapper", "training_state.safetensors", "log.json")
@@ -311,8 +282,7 @@ def _resume(out: Path, mapper: GlobalMapper | LocalMapper, optimizer, recipe, de
     """Load the newest checkpoint into `mapper` and `optimizer`; return (its step, its loss history)."""
     latest = _checkpoint_dirs(out)[-1]  # `check_run_folder` made sure there is one
     log = json.loads((latest / "log.json").read_text())
-    # a field the checkpoint lacks was added later, with a default that keeps the old behaviour
-    saved = {**{f.name: f.default for f in fields(recipe)}, **log["recipe"]}
+    saved = saved_recipe(log["recipe"], recipe, f"{latest / 'log.json'}")
     current = asdict(recipe)
     changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
     if changed:
@@ -409,7 +379,6 @@ def _train(
     optimizer = torch.optim.AdamW(_parameter_groups(mapper, recipe.learning_rate * scale, recipe.key_value_lr_scale),
                                   weight_decay=recipe.weight_decay)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    base_rates = [group["lr"] for group in optimizer.param_groups]  # the recipe's: each step sets a fraction of them
     start, history = 0, []
     if resume:
         start, history = _resume(out, mapper, optimizer, recipe, accelerator.device)
@@ -426,10 +395,6 @@ def _train(
     started = time.perf_counter()
     with attention(mapper):
         for step in bar:
-            # set from the step alone, so a resumed run follows the same schedule
-            factor = learning_rate_factor(recipe.lr_schedule, step, recipe.steps)
-            for group, rate in zip(optimizer.param_groups, base_rates):
-                group["lr"] = rate * factor
             sums: dict[str, float] = {}
             for _ in range(recipe.gradient_accumulation):
                 batch = next(batches)

@@ -259,6 +259,12 @@ def _object_square(mask: np.ndarray, margin: float) -> tuple[int, int, int]:
     return int(np.floor(centre_x - side / 2)), int(np.floor(centre_y - side / 2)), side
 
 
+def cut_out(image: Image.Image, mask: np.ndarray) -> Image.Image:
+    """The object alone, on black: the image with every pixel outside `mask` set to 0 (the authors'
+    `image * mask`). mask: (H, W) bool, True on the object, at the image's size."""
+    return Image.fromarray((np.asarray(image) * mask[..., None]).astype(np.uint8))
+
+
 def object_crop(image: Image.Image, mask: np.ndarray, margin: float = 0.25) -> Image.Image:
     """The object alone (background pixels black), cropped to a square centred on its mask's box,
     `margin` wider than the box's longer side (areas beyond the image stay black).
@@ -268,7 +274,7 @@ def object_crop(image: Image.Image, mask: np.ndarray, margin: float = 0.25) -> I
     the words to carry. mask: (H, W) bool, True on the object, at the image's size.
     """
     left, top, side = _object_square(mask, margin)
-    return Image.fromarray((np.asarray(image) * mask[..., None]).astype(np.uint8)).crop((left, top, left + side, top + side))
+    return cut_out(image, mask).crop((left, top, left + side, top + side))
 
 
 def box_crop(image: Image.Image, mask: np.ndarray, margin: float = 0.25) -> Image.Image:
@@ -397,7 +403,7 @@ def object_view_for_clip(image: Image.Image, mask: np.ndarray, size: int, rng: n
     degrees (p 0.5) and translation within +-60/224 of the size (p 0.5).
     Returns the image (3, size, size) in [0, 1] and the mask (size, size) bool.
     """
-    object_image = Image.fromarray((np.asarray(image) * mask[..., None]).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
+    object_image = cut_out(image, mask).resize((size, size), Image.Resampling.BICUBIC)
     object_mask = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)
     if rng.integers(2) == 0:
         new_size = int(rng.integers(size, round(size * 256 / 224) + 1))

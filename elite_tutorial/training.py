@@ -12,15 +12,16 @@ One optimisation step of stage 1 (the authors' `train_global.py`, restated on di
 Stage 2 (`train_local`, the authors' `train_local.py`) freezes the global mapper and trains a
 `LocalMapper` through ELITE's local attention branch; see `local_step_losses`.
 
-Runs unchanged on one CPU, one GPU, or many GPUs/nodes (`accelerate launch`), with mixed precision,
-gradient accumulation and optional gradient checkpointing. Every step's randomness (which samples,
-noise, timesteps) is drawn from (seed, step, process), so `--resume latest` continues to exactly the
-weights an uninterrupted run reaches, and `data_workers` processes can build batches ahead of the
-accelerator without changing them.
+Both stages run in the project's one training loop (`train_loop.Loop`, which Textual Inversion and the
+toy world's pretraining share). Runs unchanged on one CPU, one GPU, or many GPUs/nodes (`accelerate
+launch`), with mixed precision, gradient accumulation and optional gradient checkpointing. Every step's
+randomness (which samples, noise, timesteps) is drawn from (seed, step, process), so `--resume latest`
+continues to exactly the weights an uninterrupted run reaches, and `data_workers` processes can build
+batches ahead of the accelerator without changing them.
 
 Output folder:
     mapper/                 the final mapper (save_pretrained: config.json + model.safetensors, + log.json)
-    checkpoints/step-N/     mapper/ + training_state.safetensors (optimizer, step); the last K kept
+    checkpoints/step-N/     mapper/ + training_state.safetensors (weights, optimizer, step) + log.json; the last K kept
     validation/step-N.png   reference images and what the mapper makes of them, every N steps
     log.json                the recipe and loss_mle / loss_reg per step
 """
@@ -39,27 +40,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import PartialState
+from accelerate.utils import extract_model_from_parallel
 from diffusers import DDPMScheduler
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from .attention import LocalTokens, elite_attention, set_local_tokens
 from .components import Components
 from .data import LOCAL_BATCH_VIEWS, LocalTrainingSource, TrainingSource, clip_normalise
 from .mappers import NUM_LEVELS, GlobalMapper, LocalMapper, clip_feature_levels, mask_local_tokens
-from .storage import (
-    atomic_directory,
-    foreign_entries,
-    load_optimizer_tensors,
-    optimizer_tensors,
-    refuse_foreign,
-    save_safetensors_atomic,
-    write_json_atomic,
-)
+from .storage import atomic_directory, foreign_entries, refuse_foreign, write_json_atomic
+from .train_loop import Loop, load_training_state, save_training_state, with_noise_seed
 from .words import encode_prompts_with_words, tokenize_with_placeholder
 
 
@@ -197,7 +188,7 @@ def local_step_losses(components: Components, global_mapper: GlobalMapper, local
     prediction = c.unet(noisy, timesteps, encoder_hidden_states=context).sample
     valid = batch["valid_mask"].to(c.device, torch.float32)
     squared = (prediction.float() - noise.float()).square()
-    plain = getattr(local_mapper, "module", local_mapper)  # under distributed training, the wrapped mapper
+    plain = extract_model_from_parallel(local_mapper)  # what `accelerator.unwrap_model` returns: the mapper inside DDP
     values = [plain.key_value(layer)[1](tokens) for layer in plain.attention_layers]
     return {"loss_mle": ((squared * valid).sum((1, 2, 3)) / valid.sum((1, 2, 3))).mean(),
             "loss_reg": recipe.reg_weight * torch.stack([v.abs().mean() for v in values]).mean()}
@@ -225,9 +216,6 @@ def saved_recipe(saved: dict, recipe: _Recipe, where: str = "the saved recipe") 
                              f"\"Removed\"); continue that run at commit {LAST_COMMIT_WITH_REMOVED_OPTIONS[:12]}.")
     kept = {k: v for k, v in saved.items() if k not in REMOVED_FIELDS}
     return {**{f.name: f.default for f in fields(recipe)}, **kept}
-
-RUN_ENTRIES = ("checkpoints", "validation", "mapper", "log.json")  # what a run writes into its --out
-CHECKPOINT_FILES = ("mapper", "training_state.safetensors", "log.json")
 
 RUN_ENTRIES = ("checkpoints", "validation", "mapper", "log.json")  # what a run writes into its --out
 CHECKPOINT_FILES = ("mapper", "training_state.safetensors", "log.json")
@@ -270,9 +258,11 @@ def _checkpoint_dirs(out: Path) -> list[Path]:
 
 
 def _save_checkpoint(out: Path, step: int, mapper: GlobalMapper | LocalMapper, optimizer, log: dict, keep: int) -> None:
+    """checkpoints/step-N/: training_state.safetensors (`train_loop.save_training_state`: the mapper's
+    weights, the optimizer's state, the step), mapper/ (to use or score the checkpoint) and log.json."""
     with atomic_directory(out / "checkpoints" / f"step-{step:06d}", own=CHECKPOINT_FILES) as staging:
         mapper.save_pretrained(staging / "mapper")
-        save_safetensors_atomic(optimizer_tensors(optimizer), staging / "training_state.safetensors", {"step": str(step)})
+        save_training_state(staging / "training_state.safetensors", step, mapper, optimizer)
         (staging / "log.json").write_text(json.dumps(log))
     for old in _checkpoint_dirs(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -288,12 +278,9 @@ def _resume(out: Path, mapper: GlobalMapper | LocalMapper, optimizer, recipe, de
     if changed:
         raise ValueError(f"{latest} was trained with another recipe (differs in {changed}); resume with the same "
                          "options, or start a new output folder.")
-    state = type(mapper).from_pretrained(latest / "mapper").state_dict()
-    mapper.load_state_dict(state)
-    path = latest / "training_state.safetensors"
-    load_optimizer_tensors(optimizer, load_file(str(path), device=str(device)))
-    with safe_open(str(path), "pt") as f:
-        step = int(f.metadata()["step"])
+    # checkpoints written before the training state held the weights have them in mapper/ alone
+    mapper.load_state_dict(type(mapper).from_pretrained(latest / "mapper").state_dict())
+    step = load_training_state(latest / "training_state.safetensors", mapper, optimizer, device)
     return step, log["history"][:step]
 
 
@@ -328,29 +315,6 @@ def _validation_grid(components: Components, mapper: GlobalMapper, source: Train
 # --------------------------------------------------------------------------------------------------
 # The loop (both stages).
 
-class _MicroBatches(Dataset):
-    """Item k is micro-batch k of the run from step `start` on: `next_batch(rng, batch_size)` with rng
-    seeded by (seed, step, process, micro) alone, plus `seed`, the step's noise seed drawn first from
-    that rng. Items do not depend on each other, so DataLoader workers can build them ahead."""
-
-    def __init__(self, next_batch: Callable[[np.random.Generator, int], dict], recipe: _Recipe, process: int,
-                 start: int):
-        self.next_batch, self.recipe, self.process, self.start = next_batch, recipe, process, start
-
-    def __len__(self) -> int:
-        return (self.recipe.steps - self.start) * self.recipe.gradient_accumulation
-
-    def __getitem__(self, k: int) -> dict:
-        step, micro = divmod(k, self.recipe.gradient_accumulation)
-        rng = np.random.default_rng([self.recipe.seed, self.start + step, self.process, micro])
-        seed = int(rng.integers(2**62))
-        return {**self.next_batch(rng, self.recipe.batch_size), "seed": seed}
-
-
-def _one_thread(_worker: int) -> None:
-    torch.set_num_threads(1)  # each worker renders one batch at a time; more threads only oversubscribe
-
-
 def _train(
     stage: str,
     components: Components,
@@ -367,64 +331,50 @@ def _train(
     command: str | None,
     data_workers: int = 0,
 ):
-    """AdamW on `mapper`'s trainable parameters with `accelerate`, checkpoints, validation, the log.
+    """AdamW on `mapper`'s trainable parameters in the shared loop (`train_loop.Loop`, on `accelerate`),
+    with the run folder's checkpoints, validation images and log.
 
     `step_losses(mapper as prepared, batch, generator)` returns the named losses of one micro-batch;
     `attention(mapper)` installs ELITE's processors for the whole run; `validate(mapper, png path)`.
-    `data_workers` processes build batches ahead (0: in the training process, between steps).
+    `next_batch(rng, batch_size)` builds a micro-batch; micro-batch m of step k draws from the seed
+    (recipe seed, k, process, m). `data_workers` processes build batches ahead (0: in the training
+    process, between steps).
     """
     check_run_folder(out, stage, resume)
-    accelerator = Accelerator(gradient_accumulation_steps=recipe.gradient_accumulation, mixed_precision=mixed_precision)
-    scale = recipe.batch_size * recipe.gradient_accumulation * accelerator.num_processes
+    state = PartialState()
+    scale = recipe.batch_size * recipe.gradient_accumulation * state.num_processes
     optimizer = torch.optim.AdamW(_parameter_groups(mapper, recipe.learning_rate * scale, recipe.key_value_lr_scale),
                                   weight_decay=recipe.weight_decay)
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
     start, history = 0, []
     if resume:
-        start, history = _resume(out, mapper, optimizer, recipe, accelerator.device)
-    prepared, optimizer = accelerator.prepare(mapper, optimizer)
-    log = {"stage": stage, "command": command, "recipe": asdict(recipe), "history": history}
-    batches = iter(DataLoader(_MicroBatches(next_batch, recipe, accelerator.process_index, start), batch_size=None,
-                              num_workers=data_workers, prefetch_factor=4 if data_workers else None,
-                              worker_init_fn=_one_thread if data_workers else None,
-                              pin_memory=accelerator.device.type == "cuda",
-                              generator=torch.Generator()))  # its own: the global RNG stays untouched
+        start, history = _resume(out, mapper, optimizer, recipe, state.device)
+    log = {"stage": stage, "command": command, "recipe": asdict(recipe)}
+    end = recipe.steps if stop_after is None else min(stop_after, recipe.steps)
 
-    bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc=f"train {stage} mapper",
-               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    def after_step(done: int, history: list) -> None:
+        if loop.accelerator.is_main_process:
+            if done % recipe.checkpoint_every == 0 or done == end:
+                _save_checkpoint(out, done, loop.unwrap(), optimizer, {**log, "history": history}, recipe.keep_checkpoints)
+            if done % recipe.validate_every == 0 or done == recipe.steps:
+                validate(loop.unwrap(), out / "validation" / f"step-{done:06d}.png")
+
+    loop = Loop(
+        mapper, optimizer, step_losses,
+        make_batch=with_noise_seed(lambda rng: next_batch(rng, recipe.batch_size)),
+        key=lambda step, micro: (recipe.seed, step, state.process_index, micro),
+        steps=recipe.steps, device=state.device, start=start, end=end, accumulation=recipe.gradient_accumulation,
+        max_grad_norm=recipe.max_grad_norm, mixed_precision=mixed_precision, history=history,
+        record=lambda losses: {k: float(f"{v:.6g}") for k, v in losses.items()},  # 6 significant digits: the reg losses are small
+        after_step=after_step, needs_history=lambda done: done % recipe.checkpoint_every == 0,
+        workers=data_workers, description=f"train {stage} mapper")
     started = time.perf_counter()
     with attention(mapper):
-        for step in bar:
-            sums: dict[str, float] = {}
-            for _ in range(recipe.gradient_accumulation):
-                batch = next(batches)
-                generator = torch.Generator(accelerator.device).manual_seed(batch.pop("seed"))
-                with accelerator.accumulate(prepared), accelerator.autocast():
-                    losses = step_losses(prepared, batch, generator)
-                    accelerator.backward(sum(losses.values()))
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(trainable, recipe.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / recipe.gradient_accumulation
-            history.append({k: float(f"{v:.6g}") for k, v in sums.items()})  # 6 significant digits: the reg losses are small
-            bar.set_postfix({k: f"{v:.4f}" for k, v in sums.items()})
-            done = step + 1
-            if accelerator.is_main_process:
-                if done % recipe.checkpoint_every == 0 or done == recipe.steps or done == stop_after:
-                    _save_checkpoint(out, done, mapper, optimizer, log, recipe.keep_checkpoints)
-                if done % recipe.validate_every == 0 or done == recipe.steps:
-                    validate(mapper, out / "validation" / f"step-{done:06d}.png")
-            if done == stop_after:
-                break
-    bar.close()
+        log["history"] = loop.run()
     log["seconds"] = round(time.perf_counter() - started, 1)
-    mapper.eval()
-    if accelerator.is_main_process and (stop_after is None or stop_after >= recipe.steps):
+    if loop.accelerator.is_main_process and end == recipe.steps:
         mapper.save_pretrained(out / "mapper", log=log)  # the mapper folder documents itself
         write_json_atomic(out / "log.json", log)
-    accelerator.wait_for_everyone()
+    loop.accelerator.wait_for_everyone()
     return mapper
 
 

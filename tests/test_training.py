@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from safetensors import safe_open
+from safetensors.torch import save_file
 from test_data import make_openimages_folder
 
 from elite_tutorial.cli import main as elite_train
@@ -60,6 +62,13 @@ def test_resume_latest_reaches_the_weights_of_an_uninterrupted_run(tiny, tmp_pat
         del log["recipe"]["key_value_lr_scale"]
         log["recipe"].update(lr_schedule="constant", object_loss_weight=1.0, snr_gamma=None, key_value_anchor=0.0)
         log_path.write_text(json.dumps(log))
+        # checkpoints written before the training state held the weights keep them in mapper/ alone
+        state_path = log_path.parent / "training_state.safetensors"
+        with safe_open(str(state_path), "pt") as f:
+            names, metadata = list(f.keys()), f.metadata()
+            kept = {k: f.get_tensor(k) for k in names if not k.startswith("model.")}
+        assert any(k.startswith("model.") for k in names) and kept
+        save_file(kept, str(state_path), metadata)
     resumed = state(train_global(tiny, source(), tmp_path / "resumed", recipe, resume=True))
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -140,7 +140,9 @@ class Loop:
     returns the loss history (one dict of named losses a step, each the mean over the micro-batches).
 
     model: the module the optimizer trains (None when it trains bare tensors, as Textual Inversion);
-    it is `accelerator.prepare`d with the optimizer and handed to `step_losses`.
+    it is `accelerator.prepare`d with the optimizer and handed to `step_losses`. Trainers put their
+    models on `device` themselves (`accelerate` places nothing: a CPU run stays on the CPU beside a
+    GPU); the loop moves each batch's tensors there.
     history: the steps before `start` (a resumed run's); `record(mean losses)` is what each new step adds.
     after_step(done, history): called after each step, with the history read back up to `done` when
     `needs_history(done)` (a checkpoint's steps) and at the end.

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from PIL import Image
-from tqdm.auto import tqdm
 
 from .components import Components
 from .data import IMAGENET_TEMPLATES, ImageLike, load_image
+from .train_loop import Loop, noise_seed
 from .training import _noised_latents
 from .words import encode_prompts_with_words
 
@@ -67,10 +67,12 @@ def _pixels(image: Image.Image, size: int, flip: bool) -> torch.Tensor:
 
 def textual_inversion(components: Components, images: list[ImageLike], initializer: str,
                       recipe: TextualInversionRecipe, seed: int = 0, progress: bool = True) -> TextualInversionResult:
-    """Optimise one word embedding so that "<template with S>" reproduces `images` (see module doc).
+    """Optimise one word embedding so that "<template with S>" reproduces `images` (see module doc), in
+    the project's one training loop (`train_loop.Loop`).
 
     `initializer`: a word that is one token for this tokenizer (the concept's class word).
     Every step's images, flips, templates, noise and timesteps come from (seed, step): reruns agree.
+    (Micro-batches after a step's first draw from (seed, step, micro).)
     """
     c = components
     ids = c.tokenizer(initializer, add_special_tokens=False).input_ids
@@ -84,24 +86,27 @@ def textual_inversion(components: Components, images: list[ImageLike], initializ
     scale = recipe.batch_size * recipe.gradient_accumulation
     optimizer = torch.optim.AdamW([embedding], lr=recipe.learning_rate * scale, weight_decay=recipe.weight_decay)
     noise_scheduler = DDPMScheduler.from_config(c.scheduler.config)
-    losses = []
+
+    def make_batch(rng: np.random.Generator) -> dict:
+        chosen = rng.integers(len(references), size=recipe.batch_size)
+        pixels = torch.stack([_pixels(references[i], size, rng.random() < recipe.flip_probability) for i in chosen])
+        prompts = [IMAGENET_TEMPLATES[rng.integers(len(IMAGENET_TEMPLATES))].format("S") for _ in chosen]
+        return {"pixels": pixels, "prompts": prompts, "seed": noise_seed(rng)}
+
+    def step_losses(_model, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        noisy, noise, timesteps = _noised_latents(c, batch["pixels"], noise_scheduler, generator)
+        words = embedding.to(c.text_encoder.dtype).expand(len(batch["prompts"]), 1, -1)
+        context = encode_prompts_with_words(batch["prompts"], words, c.tokenizer, c.text_encoder)
+        prediction = c.unet(noisy, timesteps, encoder_hidden_states=context).sample
+        return {"loss": F.mse_loss(prediction.float(), noise.float())}
+
+    def key(step: int, micro: int) -> tuple[int, ...]:  # a step's first micro-batch: the step's own generator
+        return (seed, step) if micro == 0 else (seed, step, micro)
+
+    loop = Loop(None, optimizer, step_losses, make_batch, key=key,
+                steps=recipe.steps, device=c.device, accumulation=recipe.gradient_accumulation,
+                record=lambda losses: {k: round(v, 6) for k, v in losses.items()}, description="textual inversion",
+                progress=progress)
     start = time.perf_counter()
-    for step in tqdm(range(recipe.steps), desc="textual inversion", disable=not progress):
-        rng = np.random.default_rng([seed, step])
-        total = 0.0
-        for micro in range(recipe.gradient_accumulation):
-            chosen = rng.integers(len(references), size=recipe.batch_size)
-            pixels = torch.stack([_pixels(references[i], size, rng.random() < recipe.flip_probability) for i in chosen])
-            prompts = [IMAGENET_TEMPLATES[rng.integers(len(IMAGENET_TEMPLATES))].format("S") for _ in chosen]
-            generator = torch.Generator(c.device).manual_seed(int(rng.integers(2**62)))
-            noisy, noise, timesteps = _noised_latents(c, pixels, noise_scheduler, generator)
-            words = embedding.to(c.text_encoder.dtype).expand(len(prompts), 1, -1)
-            context = encode_prompts_with_words(prompts, words, c.tokenizer, c.text_encoder)
-            prediction = c.unet(noisy, timesteps, encoder_hidden_states=context).sample
-            loss = F.mse_loss(prediction.float(), noise.float()) / recipe.gradient_accumulation
-            loss.backward()
-            total += loss.item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(round(total, 6))
-    return TextualInversionResult(embedding.detach(), losses, time.perf_counter() - start)
+    history = loop.run()
+    return TextualInversionResult(embedding.detach(), [step["loss"] for step in history], time.perf_counter() - start)

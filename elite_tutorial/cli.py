@@ -21,25 +21,23 @@ import torch
 
 from .arguments import finite_number, whole_number
 from .components import load_components
-from .data import GLOBAL_VIEWS, OpenImagesMaskSource, OpenImagesSource
+from .data import OpenImagesMaskSource, OpenImagesSource
 from .mappers import NUM_LEVELS, GlobalMapper
-from .toyworld.sources import TOY_CONTEXT_PROBABILITY, TOY_TARGETS, FixedObjectsSource, ToyWorldSource
-from .training import LOCAL_PROFILES, LR_SCHEDULES, PROFILES, check_run_folder, recipe_with, train_global, train_local
+from .toyworld.sources import TOY_CONTEXT_PROBABILITY, ToyWorldSource
+from .training import LOCAL_PROFILES, PROFILES, check_run_folder, recipe_with, train_global, train_local
+
+# What `--toy-global-view` and `--toy-global-target` offer: the views and targets of the course, the
+# shipped mappers and the ELITE-on-v2 recipes (`ToyWorldSource` also takes the "object" view, which a
+# mapper fitted in Python may read).
+TOY_GLOBAL_VIEWS = ("image", "box")
+TOY_GLOBAL_TARGETS = ("scene", "box", "other-view")
 
 
 def _source(data: str, components, stage: str, context_probability: float = TOY_CONTEXT_PROBABILITY,
-            global_view: str = "image", target: str = "scene", fixed_objects: int | None = None,
-            fixed_kind: str = "shape-pattern"):
+            global_view: str = "image", target: str = "scene"):
     clip_size = components.image_encoder.config.image_size
     latent_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
     resolution = components.unet.config.sample_size * latent_factor
-    if data == "toy" and fixed_objects:
-        from .evaluation import SAYABLE_SUBSETS, sayable_objects  # noqa: PLC0415 (evaluation loads the pipeline)
-
-        chosen = sayable_objects(fixed_kind)[SAYABLE_SUBSETS["even"]]
-        if not 1 <= fixed_objects <= len(chosen):
-            raise ValueError(f"--toy-fixed-objects takes 1 to {len(chosen)} for {fixed_kind}, not {fixed_objects}.")
-        return FixedObjectsSource(chosen[:fixed_objects], clip_size=clip_size, image_size=resolution)
     if data == "toy":
         return ToyWorldSource(clip_size=clip_size, image_size=resolution, latent_factor=latent_factor,
                               context_probability=context_probability, global_view=global_view, target=target)
@@ -66,8 +64,6 @@ def _common_options(stage: argparse.ArgumentParser, profiles) -> None:
     stage.add_argument("--batch-size", type=whole_number(1))
     stage.add_argument("--gradient-accumulation", type=whole_number(1))
     stage.add_argument("--learning-rate", type=finite_number(), help="per sample (scaled by the total batch; 0 trains nothing)")
-    stage.add_argument("--lr-schedule", choices=LR_SCHEDULES,
-                       help="the learning rate over the run: constant (the profiles'), or down to 0 at the last step")
     stage.add_argument("--seed", type=whole_number(0))
     stage.add_argument("--checkpoint-every", type=whole_number(1), help="steps between checkpoints (the profile's by default)")
     stage.add_argument("--keep-checkpoints",
@@ -93,29 +89,15 @@ def main(argv: list[str] | None = None) -> None:
     stage.add_argument("--reg-weight", type=finite_number(), help="weight of mean |words| (0 for the ablation)")
     stage.add_argument("--toy-context-probability", type=finite_number(maximum=1.0), default=TOY_CONTEXT_PROBABILITY,
                        help="toy data: how often a caption says the object's size, its position and the background")
-    stage.add_argument("--object-loss-weight", type=finite_number(),
-                       help="weight of the object's pixels in the diffusion loss, the rest 1 (toy data; default 1)")
-    stage.add_argument("--snr-gamma", type=finite_number(above=True),
-                       help="Min-SNR-γ weighting of the diffusion loss over timesteps (e.g. 5; default: the plain mean)")
-    stage.add_argument("--key-value-anchor", type=finite_number(),
-                       help="weight of a loss that keeps the k/v copies near the UNet's own (e.g. 0.1; default 0)")
-    stage.add_argument("--toy-global-view", choices=GLOBAL_VIEWS, default="image",
-                       help="toy data: what the image encoder sees, the whole scene, the object alone (cut out by its "
-                            "mask) or the padded box around it (the authors' view)")
-    stage.add_argument("--toy-global-target", choices=TOY_TARGETS, default="scene",
-                       help="toy data: the UNet's target, the scene as drawn, its object redrawn large at the centre, "
-                            "the box around the object (the authors' recipe: the encoder's view is the target), or "
-                            "another render of the same object (its context said with --toy-context-probability)")
-    stage.add_argument("--toy-fixed-objects", type=whole_number(1),
-                       help="toy data: train on the first N of the even half of the sayable objects (`--sayable-objects "
-                            "even` of the evaluation; by default the ten Textual Inversion is scored on), each in its one "
-                            "render, instead of random scenes")
+    stage.add_argument("--toy-global-view", choices=TOY_GLOBAL_VIEWS, default="image",
+                       help="toy data: what the image encoder sees, the whole scene or the padded box around the "
+                            "object (the authors' view)")
+    stage.add_argument("--toy-global-target", choices=TOY_GLOBAL_TARGETS, default="scene",
+                       help="toy data: the UNet's target, the scene as drawn, the box around the object (the authors' "
+                            "recipe: the encoder's view is the target), or another render of the same object (its "
+                            "context said with --toy-context-probability)")
     stage.add_argument("--init-mapper", type=Path,
                        help="start from this global mapper's weights (a mapper folder) instead of fresh ones")
-    stage.add_argument("--toy-fixed-kind", default="shape-pattern",
-                       help="with --toy-fixed-objects: which sayable objects, 'shape-pattern' (each shape solid and dotted, "
-                            "ten) or 'shape-colour' (half the pairings of every shape and colour, solid, twenty; "
-                            "the evaluation's --sayable-kind)")
     stage = stages.add_parser("local", help="stage 2: the local mapping network (+ local k/v copies)")
     _common_options(stage, LOCAL_PROFILES)
     stage.add_argument("--global-mapper", required=True, type=Path, help="the trained global mapper's folder (frozen)")
@@ -125,15 +107,13 @@ def main(argv: list[str] | None = None) -> None:
 
     overrides = dict(steps=args.steps, batch_size=args.batch_size, gradient_accumulation=args.gradient_accumulation,
                      learning_rate=args.learning_rate, reg_weight=args.reg_weight, seed=args.seed,
-                     key_value_lr_scale=args.key_value_lr_scale, lr_schedule=args.lr_schedule,
+                     key_value_lr_scale=args.key_value_lr_scale,
                      checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints)
     toy_options = {}  # the toy stream's options exist for stage 1 only
     if args.stage == "global":
-        overrides.update(num_words=args.num_words, object_loss_weight=args.object_loss_weight,
-                         snr_gamma=args.snr_gamma, key_value_anchor=args.key_value_anchor)
+        overrides.update(num_words=args.num_words)
         toy_options = dict(context_probability=args.toy_context_probability, global_view=args.toy_global_view,
-                           target=args.toy_global_target, fixed_objects=args.toy_fixed_objects,
-                           fixed_kind=args.toy_fixed_kind)
+                           target=args.toy_global_target)
     recipe = recipe_with(args.profile, args.stage, **overrides)
     # frozen models in the compute dtype; the mapper keeps fp32 weights (autocast does the rest)
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]

@@ -21,7 +21,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from .arguments import path_argument
@@ -260,6 +259,12 @@ def _object_square(mask: np.ndarray, margin: float) -> tuple[int, int, int]:
     return int(np.floor(centre_x - side / 2)), int(np.floor(centre_y - side / 2)), side
 
 
+def cut_out(image: Image.Image, mask: np.ndarray) -> Image.Image:
+    """The object alone, on black: the image with every pixel outside `mask` set to 0 (the authors'
+    `image * mask`). mask: (H, W) bool, True on the object, at the image's size."""
+    return Image.fromarray((np.asarray(image) * mask[..., None]).astype(np.uint8))
+
+
 def object_crop(image: Image.Image, mask: np.ndarray, margin: float = 0.25) -> Image.Image:
     """The object alone (background pixels black), cropped to a square centred on its mask's box,
     `margin` wider than the box's longer side (areas beyond the image stay black).
@@ -269,7 +274,7 @@ def object_crop(image: Image.Image, mask: np.ndarray, margin: float = 0.25) -> I
     the words to carry. mask: (H, W) bool, True on the object, at the image's size.
     """
     left, top, side = _object_square(mask, margin)
-    return Image.fromarray((np.asarray(image) * mask[..., None]).astype(np.uint8)).crop((left, top, left + side, top + side))
+    return cut_out(image, mask).crop((left, top, left + side, top + side))
 
 
 def box_crop(image: Image.Image, mask: np.ndarray, margin: float = 0.25) -> Image.Image:
@@ -305,11 +310,6 @@ def target_pixels(image: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(pixels / 127.5 - 1).permute(2, 0, 1)
 
 
-def target_object_mask(masks: np.ndarray, size: int) -> torch.Tensor:
-    """(B, H, W) boolean object masks -> (B, 1, size, size): the fraction of each target pixel the object covers."""
-    return F.adaptive_avg_pool2d(torch.from_numpy(masks[:, None].astype(np.float32)), size)
-
-
 class TrainingSource(Protocol):
     """Where training samples come from (the toy world's: `toyworld.sources`; photos: `OpenImagesSource`).
     `batch` is a pure function of `rng` (exact resume)."""
@@ -317,8 +317,7 @@ class TrainingSource(Protocol):
     global_view: str  # what `clip_pixels` shows of an image: one of GLOBAL_VIEWS
 
     def batch(self, rng: np.random.Generator, size: int) -> dict:
-        """`pixel_values` (B, 3, R, R) in [-1, 1]; `clip_pixels` (B, 3, S, S) in [0, 1]; `prompts`;
-        where the source knows its objects, `target_object_mask` (B, 1, R, R) in [0, 1]."""
+        """`pixel_values` (B, 3, R, R) in [-1, 1]; `clip_pixels` (B, 3, S, S) in [0, 1]; `prompts`."""
 
     def validation_images(self) -> list[Image.Image]:
         """A few fixed images to show what the mapper makes of them during training."""
@@ -404,7 +403,7 @@ def object_view_for_clip(image: Image.Image, mask: np.ndarray, size: int, rng: n
     degrees (p 0.5) and translation within +-60/224 of the size (p 0.5).
     Returns the image (3, size, size) in [0, 1] and the mask (size, size) bool.
     """
-    object_image = Image.fromarray((np.asarray(image) * mask[..., None]).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
+    object_image = cut_out(image, mask).resize((size, size), Image.Resampling.BICUBIC)
     object_mask = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)
     if rng.integers(2) == 0:
         new_size = int(rng.integers(size, round(size * 256 / 224) + 1))

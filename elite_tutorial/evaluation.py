@@ -17,9 +17,7 @@
     python -m elite_tutorial.evaluation --local-mapper assets/toy-local-mapper --local-scale 0.8
     python -m elite_tutorial.evaluation --described   # with the reference described in words, plain
                                                       # and through the mapper's k/v copies
-    python -m elite_tutorial.evaluation --sayable     # on objects the toy language can say
     python -m elite_tutorial.evaluation --components toy-sd-compound --mapper <run>/mapper   # other toy components
-    python -m elite_tutorial.evaluation --sayable-inversion   # ... and what one optimised word makes of them
 """
 from __future__ import annotations
 
@@ -34,12 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from .arguments import finite_number, whole_number, writable_file
 from .attention import elite_attention
-from .baselines import TI_PROFILES, TextualInversionRecipe, textual_inversion
 from .components import ASSETS_DIR, load_components
 from .mappers import GlobalMapper, LocalMapper
 from .metrics import MetricModels, clip_i, clip_t, dino_i, with_class_word
@@ -47,7 +43,7 @@ from .pipeline import DEFAULT_LOCAL_SCALE, TOY_DEFAULTS, ELITEPipeline, Sampling
 from .storage import write_json_atomic
 from .toyworld.concepts import CONCEPT_SETS, CONCEPTS, Concept, PersonalConcept, concept_views
 from .toyworld.judge import ToyJudge
-from .toyworld.render import COLOURS, PATTERNS, SHAPES, SceneSpec, ToyObject, described, render
+from .toyworld.render import described
 from .words import compound_embeddings, encode_prompts_with_words
 
 IDENTITY = ("shape", "colour", "pattern")
@@ -230,84 +226,6 @@ def score(generate: Generate, judge: ToyJudge, concepts=CONCEPTS, samples: int =
     return {"summary": summary, "concepts": rows}
 
 
-# Halves of `sayable_objects(kind)`. Shape by pattern: "even" has each shape solid and dotted (what
-# `sayable_inversion_fidelity` fits), "odd" each shape striped and checkered. Shape by colour: each half
-# has every shape in four colours and every colour on two or three shapes, each pairing in one half
-# only, so a mapper trained on one half and scored on the other meets every shape and every colour it
-# learnt, in pairings it never saw. `elite-train --toy-fixed-objects` trains on an "even" half.
-SAYABLE_SUBSETS = {"all": slice(None), "even": slice(0, None, 2), "odd": slice(1, None, 2)}
-SAYABLE_KINDS = ("shape-pattern", "shape-colour")
-
-
-def sayable_objects(kind: str = "shape-pattern") -> list[ToyObject]:
-    """Objects the toy language can say, shape-major, in the setting of a concept's first view (centre,
-    large): "shape-pattern", twenty, each shape with each pattern, the colours in turn (the kind of
-    object the mapper is trained on); "shape-colour", forty, each shape in each colour, solid."""
-    colours = list(COLOURS)
-    if kind == "shape-pattern":
-        return [ToyObject(shape, colours[(s + 3 * p) % len(colours)], pattern)
-                for s, shape in enumerate(SHAPES) for p, pattern in enumerate(PATTERNS)]
-    if kind == "shape-colour":  # shape s's colours start at colour s, so the even half pairs parities
-        return [ToyObject(shape, colours[(s + c) % len(colours)], "solid")
-                for s, shape in enumerate(SHAPES) for c in range(len(colours))]
-    raise ValueError(f"unknown kind of sayable objects {kind!r}; choose one of {', '.join(SAYABLE_KINDS)}")
-
-
-def _attribute_agreement(judge: ToyJudge, images: np.ndarray, objects: list[ToyObject]) -> dict[str, float]:
-    """The fraction of `images` (objects x samples, object-major) whose shape, colour and pattern the
-    judge reads as their object's; `fidelity` is their mean."""
-    predictions, samples = judge.predict(images), len(images) // len(objects)
-    agreement = {name: round(float(np.mean([predicted == getattr(objects[k // samples], name)
-                                            for k, predicted in enumerate(predictions[name])])), 3)
-                 for name in IDENTITY}
-    agreement["fidelity"] = round(float(np.mean(list(agreement.values()))), 3)
-    return agreement
-
-
-@torch.no_grad()
-def sayable_fidelity(pipe: ELITEPipeline, judge: ToyJudge, samples: int = 8, seed: int = 0,
-                     objects: list[ToyObject] | None = None) -> dict[str, dict]:
-    """Fidelity on `objects` (default: `sayable_objects()`), scored against what each object is (not the
-    judge's reading of it), for "a photo of a S" with w0, with all five words, and with the object said
-    by the plain model in words and as one compound word (`compound_generator`). The personal concepts
-    are new to the mapper; these are not, so a mapper that misses them too fails at reading its input,
-    not at generalising from it."""
-    pipe.sd_pipeline.set_progress_bar_config(disable=True)
-    objects = sayable_objects() if objects is None else objects
-    concepts = [pipe.encode(Image.fromarray(image), Image.fromarray(masks[0]))
-                for image, masks in (render(SceneSpec((obj,))) for obj in objects)]
-    report = {}
-    for name, token_index in (("w0", 0), ("all words", "full")):
-        output = pipe(["a photo of a S"] * len(objects), concepts, token_index=token_index, output_type="np",
-                      generator=torch.Generator().manual_seed(seed), num_images_per_prompt=samples)
-        report[name] = _attribute_agreement(judge, _images(output), objects)
-    said = [described({"colour": o.colour, "pattern": o.pattern, "shape": o.shape}) for o in objects]
-    plain = words_generator(pipe.components, said, samples, seed, pipe.defaults)
-    report["said in words"] = _attribute_agreement(judge, plain("a photo of a S"), objects)
-    compound = textual_inversion_generator(pipe.components, compound_embeddings(pipe.components, said), samples, seed,
-                                           pipe.defaults)
-    report["said as one compound word"] = _attribute_agreement(judge, compound("a photo of a S"), objects)
-    return report
-
-
-def sayable_inversion_fidelity(components, judge: ToyJudge, samples: int = 8, seed: int = 0,
-                               objects: list[ToyObject] | None = None, initializer: str = "photo",
-                               recipe: TextualInversionRecipe = TI_PROFILES["toy"], progress: bool = True
-                               ) -> dict[str, float]:
-    """What one word can carry: Textual Inversion (`baselines.textual_inversion`, `recipe`, from
-    `initializer`, a word that names no attribute) fitted to each object's render, then "a photo of a
-    S" scored as `sayable_fidelity` scores w0. The mapper's w0 enters the same frozen text encoder and
-    UNet, so this shows what one word at S can make them draw. `objects` defaults to ten of the twenty
-    (`sayable_objects()[::2]`: each shape twice), as each inversion takes minutes on a CPU."""
-    objects = sayable_objects()[SAYABLE_SUBSETS["even"]] if objects is None else objects
-    embeddings = [textual_inversion(components, [Image.fromarray(render(SceneSpec((obj,)))[0])], initializer,
-                                    recipe, seed=seed, progress=False).embedding
-                  for obj in tqdm(objects, desc="textual inversion", disable=not progress)]
-    generate = textual_inversion_generator(components, torch.stack(embeddings), samples, seed, TOY_DEFAULTS)
-    with torch.no_grad():
-        return _attribute_agreement(judge, generate("a photo of a S"), objects)
-
-
 @torch.no_grad()
 def fidelity_and_editability(pipe: ELITEPipeline, judge: ToyJudge, concepts=CONCEPTS, samples: int = 8,
                              seed: int = 0, local_scale: float | None = None, with_baseline: bool = True) -> dict:
@@ -380,15 +298,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--described", action="store_true",
                         help="also score the reference that writes the judge's reading of each concept in words "
                              "(and as one compound word)")
-    parser.add_argument("--sayable", action="store_true",
-                        help="also score the mapper on objects the toy language can say (see sayable_fidelity)")
-    parser.add_argument("--sayable-objects", choices=sorted(SAYABLE_SUBSETS), default="all",
-                        help="with --sayable: all of them, or a half (even: the one --toy-fixed-objects trains on)")
-    parser.add_argument("--sayable-kind", choices=SAYABLE_KINDS, default="shape-pattern",
-                        help="with --sayable: each shape with each pattern (twenty), or in each colour, solid (forty)")
-    parser.add_argument("--sayable-inversion", action="store_true",
-                        help="also score Textual Inversion on ten of those objects (minutes each; see "
-                             "sayable_inversion_fidelity)")
     args = parser.parse_args(argv)
     if args.local_scale and not args.local_mapper:
         parser.error("--local-scale scales the local branch: give --local-mapper too.")
@@ -410,12 +319,6 @@ def main(argv: list[str] | None = None) -> None:
         report["described_as_one_compound_word"] = score(compound, judge, samples=args.samples)["summary"]
         through = through_key_values(reference, components, pipe.global_mapper)
         report["described_in_words_through_the_mapper_key_values"] = score(through, judge, samples=args.samples)["summary"]
-    if args.sayable:
-        objects = sayable_objects(args.sayable_kind)[SAYABLE_SUBSETS[args.sayable_objects]]
-        report["sayable_objects"] = sayable_fidelity(pipe, judge, samples=args.samples, seed=args.seed, objects=objects)
-        report["sayable_objects"].update(kind=args.sayable_kind, objects=args.sayable_objects)
-    if args.sayable_inversion:
-        report["sayable_objects_textual_inversion"] = sayable_inversion_fidelity(components, judge, args.samples, args.seed)
     if args.out:
         command = " ".join(["python -m elite_tutorial.evaluation", *(sys.argv[1:] if argv is None else argv)])
         write_json_atomic(args.out, {"command": command, **report})

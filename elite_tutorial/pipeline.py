@@ -32,7 +32,7 @@ from PIL import Image
 from .attention import LocalTokens, elite_attention
 from .attention_maps import AttentionCapture
 from .components import Components
-from .data import ImageLike, clip_pixels, global_view_image, load_image, load_mask
+from .data import ImageLike, clip_pixels, cut_out, global_view_image, load_image, load_mask
 from .mappers import GlobalMapper, LocalMapper, clip_feature_levels, mask_local_tokens
 from .words import DEFAULT_PLACEHOLDER, check_known_words, encode_prompts_with_words, tokenize_with_placeholder
 
@@ -228,9 +228,7 @@ class ELITEPipeline:
             if full_mask is None:
                 warnings.warn("No mask given: the local branch reads the whole image as the object.", stacklevel=2)
                 full_mask = np.ones((rgb.height, rgb.width), dtype=bool)
-            # the object alone: background pixels black, as the authors' `image * mask`
-            object_image = Image.fromarray((np.asarray(rgb) * full_mask[..., None]).astype(np.uint8))
-            tokens = self.local_mapper(self._levels(clip_pixels(object_image, self.image_size)))
+            tokens = self.local_mapper(self._levels(clip_pixels(cut_out(rgb, full_mask), self.image_size)))
             grid_mask = torch.from_numpy(full_mask)[None].to(tokens.device)
             local_tokens = mask_local_tokens(tokens, grid_mask)[0]
             if not local_tokens.any():  # the mask, read at one pixel per patch, missed the object

@@ -9,24 +9,21 @@ One optimisation step of stage 1 (the authors' `train_global.py`, restated on di
     loss_reg  = 0.01 * mean |words|
     AdamW on the mapper (MLPs + k/v copies) only; VAE, UNet and both CLIP towers frozen.
 
-Three departures from the authors, off by default (`GlobalRecipe`): `object_loss_weight` counts the
-object's latent pixels more in loss_mle, `snr_gamma` weights each sample by Min-SNR-γ, and
-`key_value_anchor` adds loss_anchor, which pulls the k/v copies back toward the UNet's own.
-
 Stage 2 (`train_local`, the authors' `train_local.py`) freezes the global mapper and trains a
 `LocalMapper` through ELITE's local attention branch; see `local_step_losses`.
 
-Runs unchanged on one CPU, one GPU, or many GPUs/nodes (`accelerate launch`), with mixed precision,
-gradient accumulation and optional gradient checkpointing. Every step's randomness (which samples,
-noise, timesteps) is drawn from (seed, step, process), so `--resume latest` continues to exactly the
-weights an uninterrupted run reaches, and `data_workers` processes can build batches ahead of the
-accelerator without changing them.
+Both stages run in the project's one training loop (`train_loop.Loop`, which Textual Inversion and the
+toy world's pretraining share). Runs unchanged on one CPU, one GPU, or many GPUs/nodes (`accelerate
+launch`), with mixed precision, gradient accumulation and optional gradient checkpointing. Every step's
+randomness (which samples, noise, timesteps) is drawn from (seed, step, process), so `--resume latest`
+continues to exactly the weights an uninterrupted run reaches, and `data_workers` processes can build
+batches ahead of the accelerator without changing them.
 
 Output folder:
     mapper/                 the final mapper (save_pretrained: config.json + model.safetensors, + log.json)
-    checkpoints/step-N/     mapper/ + training_state.safetensors (optimizer, step); the last K kept
+    checkpoints/step-N/     mapper/ + training_state.safetensors (weights, optimizer, step) + log.json; the last K kept
     validation/step-N.png   reference images and what the mapper makes of them, every N steps
-    log.json                the recipe and loss_mle / loss_reg (/ loss_anchor) per step
+    log.json                the recipe and loss_mle / loss_reg per step
 """
 from __future__ import annotations
 
@@ -43,46 +40,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from accelerate import Accelerator, PartialState
+from accelerate import PartialState
+from accelerate.utils import extract_model_from_parallel
 from diffusers import DDPMScheduler
-from diffusers.training_utils import compute_snr
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from .attention import LocalTokens, elite_attention, set_local_tokens
 from .components import Components
 from .data import LOCAL_BATCH_VIEWS, LocalTrainingSource, TrainingSource, clip_normalise
 from .mappers import NUM_LEVELS, GlobalMapper, LocalMapper, clip_feature_levels, mask_local_tokens
-from .storage import (
-    atomic_directory,
-    foreign_entries,
-    load_optimizer_tensors,
-    optimizer_tensors,
-    refuse_foreign,
-    save_safetensors_atomic,
-    write_json_atomic,
-)
+from .storage import atomic_directory, foreign_entries, refuse_foreign, write_json_atomic
+from .train_loop import Loop, load_training_state, save_training_state, with_noise_seed
 from .words import encode_prompts_with_words, tokenize_with_placeholder
-
-LR_SCHEDULES = ("constant", "linear", "cosine")
-
-
-def learning_rate_factor(schedule: str, step: int, steps: int) -> float:
-    """The learning rate of optimizer step `step` (0-based) of a `steps`-step run, as a fraction of the
-    recipe's. A rate that falls to 0 averages out the noise of the last steps' updates, which a constant
-    rate leaves in the final weights."""
-    progress = step / steps
-    if schedule == "constant":
-        return 1.0
-    if schedule == "linear":
-        return 1.0 - progress
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
 
 
 @dataclass(frozen=True)
@@ -96,14 +65,12 @@ class _Recipe:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     key_value_lr_scale: float = 1.0 # the k/v copies' learning rate / the mapping MLPs' (0: kept frozen)
-    lr_schedule: str = "constant"   # the rate over the run: "constant" (the authors'), or down to 0 at the end ("linear", "cosine")
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     validate_every: int = 500
     seed: int = 0
 
     def __post_init__(self):
-        learning_rate_factor(self.lr_schedule, 0, 1)  # an unknown schedule is refused here, not at the first step
         # refused here, not after a silently wrong run (no step taken, all checkpoints kept or deleted, NaN weights)
         for name in ("steps", "batch_size", "gradient_accumulation", "checkpoint_every", "keep_checkpoints", "validate_every"):
             if getattr(self, name) < 1:
@@ -118,9 +85,6 @@ class GlobalRecipe(_Recipe):
 
     num_words: int = 5              # words injected at the placeholder in training (w0..w{n-1})
     reg_weight: float = 0.01        # weight of mean |words|
-    object_loss_weight: float = 1.0 # weight of the object's latent pixels in loss_mle, the rest 1 (1: the authors' mean)
-    snr_gamma: float | None = None  # Min-SNR-γ: each sample's loss x min(SNR(t), γ) / SNR(t) (None: the authors' plain mean)
-    key_value_anchor: float = 0.0   # weight of the k/v copies' relative squared drift from the UNet's own (0: the authors' free copies)
 
     def __post_init__(self):
         super().__post_init__()
@@ -185,8 +149,7 @@ def training_step_losses(components: Components, mapper: GlobalMapper, batch: di
     """The two losses of one (micro-)batch. ELITE's processors must be installed on the UNet.
 
     batch: `pixel_values` (B, 3, H, W) in [-1, 1] (the UNet's target image), `clip_pixels`
-    (B, 3, S, S) in [0, 1] (the augmented image for CLIP), `prompts` (B strings with `S`), and
-    for `recipe.object_loss_weight` != 1, `target_object_mask` (B, 1, H, W) in [0, 1].
+    (B, 3, S, S) in [0, 1] (the augmented image for CLIP), `prompts` (B strings with `S`).
     """
     c = components
     noisy, noise, timesteps = _noised_latents(c, batch["pixel_values"], noise_scheduler, generator)
@@ -194,32 +157,8 @@ def training_step_losses(components: Components, mapper: GlobalMapper, batch: di
     context = encode_prompts_with_words(batch["prompts"], words.to(c.text_encoder.dtype), c.tokenizer, c.text_encoder)
     prediction = c.unet(noisy, timesteps, encoder_hidden_states=context).sample
     squared = (prediction.float() - noise.float()).square()
-    losses = {"loss_reg": recipe.reg_weight * words.abs().mean()}
-    if recipe.key_value_anchor:
-        # the copies read every word of every caption: held near the UNet's own, they keep what the
-        # UNet knows about the words that are not the concept's (positions, backgrounds, sizes)
-        losses["loss_anchor"] = recipe.key_value_anchor * _unwrapped(mapper).key_value_drift(c.unet)
-    if recipe.object_loss_weight == 1 and recipe.snr_gamma is None:  # the authors' plain mean
-        return {"loss_mle": squared.mean(), **losses}
-    if recipe.object_loss_weight == 1:
-        per_sample = squared.mean((1, 2, 3))
-    else:  # a weighted mean per sample: the object's pixels count `object_loss_weight` times
-        if "target_object_mask" not in batch:
-            raise ValueError("object_loss_weight needs object masks; this training source gives none.")
-        share = F.adaptive_avg_pool2d(batch["target_object_mask"].to(squared.device, torch.float32), squared.shape[-2:])
-        weight = 1 + (recipe.object_loss_weight - 1) * share  # (B, 1, h, w): the object's share of each latent pixel
-        per_sample = (squared * weight).sum((1, 2, 3)) / (weight.sum((1, 2, 3)) * squared.shape[1])
-    if recipe.snr_gamma is not None:
-        # Min-SNR-γ (Hang et al. 2023; diffusers' --snr_gamma): the nearly clean timesteps, where the
-        # error is largest and says least about the object, stop outweighing the noisy ones
-        snr = compute_snr(noise_scheduler, timesteps)
-        per_sample = per_sample * snr.clamp(max=recipe.snr_gamma) / snr
-    return {"loss_mle": per_sample.mean(), **losses}
-
-
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DistributedDataParallel wrapper (`accelerate` adds one on several processes)."""
-    return getattr(model, "module", model)
+    loss_reg = recipe.reg_weight * words.abs().mean()
+    return {"loss_mle": squared.mean(), "loss_reg": loss_reg}
 
 
 def local_step_losses(components: Components, global_mapper: GlobalMapper, local_mapper: LocalMapper, batch: dict,
@@ -249,7 +188,7 @@ def local_step_losses(components: Components, global_mapper: GlobalMapper, local
     prediction = c.unet(noisy, timesteps, encoder_hidden_states=context).sample
     valid = batch["valid_mask"].to(c.device, torch.float32)
     squared = (prediction.float() - noise.float()).square()
-    plain = getattr(local_mapper, "module", local_mapper)  # under distributed training, the wrapped mapper
+    plain = extract_model_from_parallel(local_mapper)  # what `accelerator.unwrap_model` returns: the mapper inside DDP
     values = [plain.key_value(layer)[1](tokens) for layer in plain.attention_layers]
     return {"loss_mle": ((squared * valid).sum((1, 2, 3)) / valid.sum((1, 2, 3))).mean(),
             "loss_reg": recipe.reg_weight * torch.stack([v.abs().mean() for v in values]).mean()}
@@ -257,6 +196,26 @@ def local_step_losses(components: Components, global_mapper: GlobalMapper, local
 
 # --------------------------------------------------------------------------------------------------
 # The run folder and its checkpoints.
+
+# Recipe fields of options that were removed (docs/flags.md, "Removed"), with the value that meant the
+# behaviour every run now has. A saved recipe (a checkpoint's or a run's log.json) that holds one of
+# them at that value reads as today's recipe; at another value it was a v1 research run, which this
+# code cannot continue.
+REMOVED_FIELDS = {"lr_schedule": "constant", "object_loss_weight": 1.0, "snr_gamma": None, "key_value_anchor": 0.0}
+LAST_COMMIT_WITH_REMOVED_OPTIONS = "8d8a8ae5611c585f0e8d7ddeab8f96b3e4458098"
+
+
+def saved_recipe(saved: dict, recipe: _Recipe, where: str = "the saved recipe") -> dict:
+    """A recipe read back from a log (`saved`, a dict) in terms of `recipe`'s fields: a field it lacks
+    was added later, with a default that keeps the old behaviour; a removed field (`REMOVED_FIELDS`) is
+    dropped when it holds the behaviour every run now has, and refused otherwise. Other keys stay, so
+    a comparison with `asdict(recipe)` names them."""
+    for name, value in saved.items():
+        if name in REMOVED_FIELDS and value != REMOVED_FIELDS[name]:
+            raise ValueError(f"{where} sets {name}={value!r}, an option removed from elite-train (docs/flags.md, "
+                             f"\"Removed\"); continue that run at commit {LAST_COMMIT_WITH_REMOVED_OPTIONS[:12]}.")
+    kept = {k: v for k, v in saved.items() if k not in REMOVED_FIELDS}
+    return {**{f.name: f.default for f in fields(recipe)}, **kept}
 
 RUN_ENTRIES = ("checkpoints", "validation", "mapper", "log.json")  # what a run writes into its --out
 CHECKPOINT_FILES = ("mapper", "training_state.safetensors", "log.json")
@@ -299,9 +258,11 @@ def _checkpoint_dirs(out: Path) -> list[Path]:
 
 
 def _save_checkpoint(out: Path, step: int, mapper: GlobalMapper | LocalMapper, optimizer, log: dict, keep: int) -> None:
+    """checkpoints/step-N/: training_state.safetensors (`train_loop.save_training_state`: the mapper's
+    weights, the optimizer's state, the step), mapper/ (to use or score the checkpoint) and log.json."""
     with atomic_directory(out / "checkpoints" / f"step-{step:06d}", own=CHECKPOINT_FILES) as staging:
         mapper.save_pretrained(staging / "mapper")
-        save_safetensors_atomic(optimizer_tensors(optimizer), staging / "training_state.safetensors", {"step": str(step)})
+        save_training_state(staging / "training_state.safetensors", step, mapper, optimizer)
         (staging / "log.json").write_text(json.dumps(log))
     for old in _checkpoint_dirs(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -311,19 +272,15 @@ def _resume(out: Path, mapper: GlobalMapper | LocalMapper, optimizer, recipe, de
     """Load the newest checkpoint into `mapper` and `optimizer`; return (its step, its loss history)."""
     latest = _checkpoint_dirs(out)[-1]  # `check_run_folder` made sure there is one
     log = json.loads((latest / "log.json").read_text())
-    # a field the checkpoint lacks was added later, with a default that keeps the old behaviour
-    saved = {**{f.name: f.default for f in fields(recipe)}, **log["recipe"]}
+    saved = saved_recipe(log["recipe"], recipe, f"{latest / 'log.json'}")
     current = asdict(recipe)
     changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
     if changed:
         raise ValueError(f"{latest} was trained with another recipe (differs in {changed}); resume with the same "
                          "options, or start a new output folder.")
-    state = type(mapper).from_pretrained(latest / "mapper").state_dict()
-    mapper.load_state_dict(state)
-    path = latest / "training_state.safetensors"
-    load_optimizer_tensors(optimizer, load_file(str(path), device=str(device)))
-    with safe_open(str(path), "pt") as f:
-        step = int(f.metadata()["step"])
+    # checkpoints written before the training state held the weights have them in mapper/ alone
+    mapper.load_state_dict(type(mapper).from_pretrained(latest / "mapper").state_dict())
+    step = load_training_state(latest / "training_state.safetensors", mapper, optimizer, device)
     return step, log["history"][:step]
 
 
@@ -358,29 +315,6 @@ def _validation_grid(components: Components, mapper: GlobalMapper, source: Train
 # --------------------------------------------------------------------------------------------------
 # The loop (both stages).
 
-class _MicroBatches(Dataset):
-    """Item k is micro-batch k of the run from step `start` on: `next_batch(rng, batch_size)` with rng
-    seeded by (seed, step, process, micro) alone, plus `seed`, the step's noise seed drawn first from
-    that rng. Items do not depend on each other, so DataLoader workers can build them ahead."""
-
-    def __init__(self, next_batch: Callable[[np.random.Generator, int], dict], recipe: _Recipe, process: int,
-                 start: int):
-        self.next_batch, self.recipe, self.process, self.start = next_batch, recipe, process, start
-
-    def __len__(self) -> int:
-        return (self.recipe.steps - self.start) * self.recipe.gradient_accumulation
-
-    def __getitem__(self, k: int) -> dict:
-        step, micro = divmod(k, self.recipe.gradient_accumulation)
-        rng = np.random.default_rng([self.recipe.seed, self.start + step, self.process, micro])
-        seed = int(rng.integers(2**62))
-        return {**self.next_batch(rng, self.recipe.batch_size), "seed": seed}
-
-
-def _one_thread(_worker: int) -> None:
-    torch.set_num_threads(1)  # each worker renders one batch at a time; more threads only oversubscribe
-
-
 def _train(
     stage: str,
     components: Components,
@@ -397,69 +331,50 @@ def _train(
     command: str | None,
     data_workers: int = 0,
 ):
-    """AdamW on `mapper`'s trainable parameters with `accelerate`, checkpoints, validation, the log.
+    """AdamW on `mapper`'s trainable parameters in the shared loop (`train_loop.Loop`, on `accelerate`),
+    with the run folder's checkpoints, validation images and log.
 
     `step_losses(mapper as prepared, batch, generator)` returns the named losses of one micro-batch;
     `attention(mapper)` installs ELITE's processors for the whole run; `validate(mapper, png path)`.
-    `data_workers` processes build batches ahead (0: in the training process, between steps).
+    `next_batch(rng, batch_size)` builds a micro-batch; micro-batch m of step k draws from the seed
+    (recipe seed, k, process, m). `data_workers` processes build batches ahead (0: in the training
+    process, between steps).
     """
     check_run_folder(out, stage, resume)
-    accelerator = Accelerator(gradient_accumulation_steps=recipe.gradient_accumulation, mixed_precision=mixed_precision)
-    scale = recipe.batch_size * recipe.gradient_accumulation * accelerator.num_processes
+    state = PartialState()
+    scale = recipe.batch_size * recipe.gradient_accumulation * state.num_processes
     optimizer = torch.optim.AdamW(_parameter_groups(mapper, recipe.learning_rate * scale, recipe.key_value_lr_scale),
                                   weight_decay=recipe.weight_decay)
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    base_rates = [group["lr"] for group in optimizer.param_groups]  # the recipe's: each step sets a fraction of them
     start, history = 0, []
     if resume:
-        start, history = _resume(out, mapper, optimizer, recipe, accelerator.device)
-    prepared, optimizer = accelerator.prepare(mapper, optimizer)
-    log = {"stage": stage, "command": command, "recipe": asdict(recipe), "history": history}
-    batches = iter(DataLoader(_MicroBatches(next_batch, recipe, accelerator.process_index, start), batch_size=None,
-                              num_workers=data_workers, prefetch_factor=4 if data_workers else None,
-                              worker_init_fn=_one_thread if data_workers else None,
-                              pin_memory=accelerator.device.type == "cuda",
-                              generator=torch.Generator()))  # its own: the global RNG stays untouched
+        start, history = _resume(out, mapper, optimizer, recipe, state.device)
+    log = {"stage": stage, "command": command, "recipe": asdict(recipe)}
+    end = recipe.steps if stop_after is None else min(stop_after, recipe.steps)
 
-    bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc=f"train {stage} mapper",
-               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    def after_step(done: int, history: list) -> None:
+        if loop.accelerator.is_main_process:
+            if done % recipe.checkpoint_every == 0 or done == end:
+                _save_checkpoint(out, done, loop.unwrap(), optimizer, {**log, "history": history}, recipe.keep_checkpoints)
+            if done % recipe.validate_every == 0 or done == recipe.steps:
+                validate(loop.unwrap(), out / "validation" / f"step-{done:06d}.png")
+
+    loop = Loop(
+        mapper, optimizer, step_losses,
+        make_batch=with_noise_seed(lambda rng: next_batch(rng, recipe.batch_size)),
+        key=lambda step, micro: (recipe.seed, step, state.process_index, micro),
+        steps=recipe.steps, device=state.device, start=start, end=end, accumulation=recipe.gradient_accumulation,
+        max_grad_norm=recipe.max_grad_norm, mixed_precision=mixed_precision, history=history,
+        record=lambda losses: {k: float(f"{v:.6g}") for k, v in losses.items()},  # 6 significant digits: the reg losses are small
+        after_step=after_step, needs_history=lambda done: done % recipe.checkpoint_every == 0,
+        workers=data_workers, description=f"train {stage} mapper")
     started = time.perf_counter()
     with attention(mapper):
-        for step in bar:
-            # set from the step alone, so a resumed run follows the same schedule
-            factor = learning_rate_factor(recipe.lr_schedule, step, recipe.steps)
-            for group, rate in zip(optimizer.param_groups, base_rates):
-                group["lr"] = rate * factor
-            sums: dict[str, float] = {}
-            for _ in range(recipe.gradient_accumulation):
-                batch = next(batches)
-                generator = torch.Generator(accelerator.device).manual_seed(batch.pop("seed"))
-                with accelerator.accumulate(prepared), accelerator.autocast():
-                    losses = step_losses(prepared, batch, generator)
-                    accelerator.backward(sum(losses.values()))
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(trainable, recipe.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / recipe.gradient_accumulation
-            history.append({k: float(f"{v:.6g}") for k, v in sums.items()})  # 6 significant digits: the reg losses are small
-            bar.set_postfix({k: f"{v:.4f}" for k, v in sums.items()})
-            done = step + 1
-            if accelerator.is_main_process:
-                if done % recipe.checkpoint_every == 0 or done == recipe.steps or done == stop_after:
-                    _save_checkpoint(out, done, mapper, optimizer, log, recipe.keep_checkpoints)
-                if done % recipe.validate_every == 0 or done == recipe.steps:
-                    validate(mapper, out / "validation" / f"step-{done:06d}.png")
-            if done == stop_after:
-                break
-    bar.close()
+        log["history"] = loop.run()
     log["seconds"] = round(time.perf_counter() - started, 1)
-    mapper.eval()
-    if accelerator.is_main_process and (stop_after is None or stop_after >= recipe.steps):
+    if loop.accelerator.is_main_process and end == recipe.steps:
         mapper.save_pretrained(out / "mapper", log=log)  # the mapper folder documents itself
         write_json_atomic(out / "log.json", log)
-    accelerator.wait_for_everyone()
+    loop.accelerator.wait_for_everyone()
     return mapper
 
 

@@ -268,7 +268,7 @@ def test_a_device_this_machine_lacks_is_refused(monkeypatch):
     ("--keep-checkpoints", "-1", "must be at least 1, not -1"),
     ("--learning-rate", "nan", "finite number at least 0, not nan"),
     ("--learning-rate", "-0.5", "finite number at least 0, not -0.5"),
-    ("--snr-gamma", "0", "finite number above 0, not 0"),
+    ("--toy-context-probability", "1.5", "at least 0 and at most 1, not 1.5"),
     ("--num-words", "7", r"invalid choice: 7 \(choose from 1, 2, 3, 4, 5\)"),
     ("--batch-size", "0", "must be at least 1, not 0"),
     ("--checkpoint-every", "0", "must be at least 1, not 0"),

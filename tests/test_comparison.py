@@ -1,14 +1,12 @@
 """The toy comparison table: every method scored on the same protocol, reproducible from its seed; the
 reference that describes each concept in words, plain and through a mapper's k/v copies."""
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from elite_tutorial import evaluation, load_components
-from elite_tutorial.baselines import TI_PROFILES
 from elite_tutorial.comparison import (
     METHODS,
     cached_inversions,
@@ -22,7 +20,6 @@ from elite_tutorial.comparison import (
 from elite_tutorial.components import ASSETS_DIR
 from elite_tutorial.evaluation import (
     JUDGE_FOLDER,
-    _attribute_agreement,
     class_word_generator,
     concept_identity,
     described,
@@ -30,9 +27,6 @@ from elite_tutorial.evaluation import (
     edit_success,
     fidelity_and_editability,
     method_file,
-    sayable_fidelity,
-    sayable_inversion_fidelity,
-    sayable_objects,
     score,
     through_key_values,
     word_norms,
@@ -41,7 +35,6 @@ from elite_tutorial.mappers import GlobalMapper, LocalMapper
 from elite_tutorial.pipeline import ELITEPipeline
 from elite_tutorial.toyworld.concepts import CONCEPTS, concept_by_name, concept_views
 from elite_tutorial.toyworld.judge import ToyJudge
-from elite_tutorial.toyworld.render import COLOURS, PATTERNS, SHAPES, ToyObject
 
 
 def test_a_rerun_on_two_concepts_and_one_sample_gives_the_same_rows(tmp_path):
@@ -116,26 +109,6 @@ def test_words_drawn_through_the_mapper_key_values_change_only_with_the_copies()
     assert np.abs(through_key_values(plain, components, mapper)("a photo of a S") - reference).mean() > 5
 
 
-@pytest.mark.research
-def test_sayable_objects_cover_every_shape_and_pattern():
-    objects = sayable_objects()
-    assert {(o.shape, o.pattern) for o in objects} == {(s, p) for s in SHAPES for p in PATTERNS}
-    assert len({o.colour for o in objects}) == len(COLOURS)
-
-
-class _FixedJudge:
-    """Reads every image as a red dotted circle."""
-
-    def predict(self, images):
-        return {"shape": ["circle"] * len(images), "colour": ["red"] * len(images), "pattern": ["dotted"] * len(images)}
-
-
-def test_attribute_agreement_scores_each_image_against_its_own_object():
-    objects = [ToyObject("circle", "red", "dotted"), ToyObject("star", "red", "solid")]
-    agreement = _attribute_agreement(_FixedJudge(), np.zeros((4, 8, 8, 3), np.uint8), objects)  # 2 samples each
-    assert agreement == {"shape": 0.5, "colour": 1.0, "pattern": 0.5, "fidelity": pytest.approx(2 / 3, abs=1e-3)}
-
-
 def test_an_edit_counts_only_where_it_shows_and_the_concept_keeps_two_of_its_three_attributes():
     identity = {"shape": "heart", "colour": "red", "pattern": "dotted"}
     predictions = {"position": ["left", "left", "left", "right"],
@@ -144,31 +117,6 @@ def test_an_edit_counts_only_where_it_shows_and_the_concept_keeps_two_of_its_thr
                    "pattern": ["dotted", "dotted", "solid", "dotted"]}
     assert edit_success(predictions, identity, "position", "left") == 0.5  # images 0 and 1; 2 lost it, 3 is not left
     assert edit_success(predictions, identity, "position", "right") == 0.25
-
-
-@pytest.mark.research
-def test_sayable_fidelity_reads_the_objects_said_in_words_as_themselves():
-    """The plain model draws the objects it is told: a check that images and objects stay paired."""
-    pipe = ELITEPipeline(load_components("toy", device="cpu"), GlobalMapper.from_pretrained(ASSETS_DIR / "toy-global-mapper"))
-    # a quarter of the objects, for speed: every shape, every pattern, no colour twice, so a mispairing shows
-    objects = [sayable_objects()[k] for k in (0, 6, 9, 15, 18)]
-    assert {o.shape for o in objects} == set(SHAPES) and {o.pattern for o in objects} == set(PATTERNS)
-    assert len({o.colour for o in objects}) == len(objects)
-    report = sayable_fidelity(pipe, ToyJudge.from_pretrained(JUDGE_FOLDER).eval(), samples=1, objects=objects)
-    assert set(report) == {"w0", "all words", "said in words", "said as one compound word"}
-    assert report["said in words"]["shape"] >= 0.8 and report["said in words"]["fidelity"] >= 0.7
-    assert all(0 <= value <= 1 for scores in report.values() for value in scores.values())
-
-
-@pytest.mark.research
-def test_sayable_inversion_scores_each_objects_own_word():
-    """With no optimisation steps each word is its initializer: "star" draws stars, right for the
-    star and wrong for the circle."""
-    objects = [ToyObject("star", "red", "solid"), ToyObject("circle", "blue", "solid")]
-    unoptimised = replace(TI_PROFILES["smoke"], steps=0)
-    report = sayable_inversion_fidelity(load_components("toy", device="cpu"), ToyJudge.from_pretrained(JUDGE_FOLDER).eval(),
-                                        samples=2, objects=objects, initializer="star", recipe=unoptimised, progress=False)
-    assert report["shape"] == 0.5 and set(report) == {"shape", "colour", "pattern", "fidelity"}
 
 
 def test_word_norms_measure_each_word_beside_the_vocabulary():

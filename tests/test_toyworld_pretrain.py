@@ -11,6 +11,7 @@ from elite_tutorial import load_components
 from elite_tutorial.studies import pretrain as P
 from elite_tutorial.toyworld.judge import ToyJudge
 from elite_tutorial.toyworld.models import toy_tokenizer
+from elite_tutorial.train_loop import StepBatches, with_noise_seed
 
 pytestmark = pytest.mark.research  # the pretraining study: `make test-research`
 
@@ -98,7 +99,7 @@ def test_loader_workers_build_the_batches_built_inline(pool):
         texts = [P.caption(pool.specs[i], rng, 0.3) for i in index]
         return {"pixels": pool.pixels(index), "input_ids": P.tokenize(tokenizer, texts)}
 
-    batches = P.StepBatches(make_batch, seed=0, stage="clip", start=3, steps=9)
+    batches = StepBatches(with_noise_seed(make_batch), key=lambda step, _: (0, P.STAGES.index("clip"), step), start=3, end=9)
     inline = [batches[k] for k in range(len(batches))]
     loaded = list(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=2))
     assert len(loaded) == 6

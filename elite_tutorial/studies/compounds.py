@@ -5,8 +5,8 @@ Real CLIP's 49,408 tokens include many that name a whole thing whose look takes 
 Inversion and ELITE's w0 are single tokens written into that space. The toy language has one word
 per attribute value and nothing else, so the toy text encoder has never read one token as several
 attributes: a token whose embedding is the sum of "red", "dotted" and "circle" draws the object far
-less often than the three words do (`python -m elite_tutorial.evaluation --sayable`, "said as one
-compound word").
+less often than the three words do (`python -m elite_tutorial.evaluation --described`, "described as
+one compound word").
 
 `teach_compound_words` fine-tunes the text encoder so that it reads such compounds. In a
 single-object caption the run of identity words ("red dotted circle") is fused into one token whose

@@ -32,17 +32,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from safetensors import safe_open
-from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from diffusers.training_utils import EMAModel
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModel
 
 from ..data import clip_normalise  # the toy image encoder is fed exactly like ViT-L/14
-from ..storage import load_optimizer_tensors, optimizer_tensors, save_safetensors_atomic, write_json_atomic
+from ..storage import write_json_atomic
 from ..toyworld.judge import ToyJudge, label_indices
 from ..toyworld.models import toy_clip, toy_scheduler, toy_tokenizer, toy_unet, toy_vae
 from ..toyworld.render import SHAPES, SIZE, SceneSpec, caption, images_to_tensor, random_spec, render
+from ..train_loop import Loop, StepRate, load_training_state, save_training_state, with_noise_seed
 
 STAGES = ("clip", "vae", "unet", "judge")
 HELD_OUT_SEED = 10**9  # evaluation scenes use seeds from here on; training pools never reach it
@@ -145,24 +143,6 @@ def tokenize(tokenizer: CLIPTokenizer, texts: list[str], padding: str = "max_len
                      truncation=True, return_tensors="pt").input_ids
 
 
-class StepBatches(Dataset):
-    """Item k is the CPU batch of training step `start + k`, built by `make_batch` from a generator
-    seeded by (seed, stage, step) alone. Batches therefore do not depend on each other: DataLoader
-    workers build them ahead while the accelerator trains, and a resumed run sees the same ones.
-    Each batch also carries `seed`, for the noise the step draws on the device."""
-
-    def __init__(self, make_batch: Callable[[np.random.Generator], dict], seed: int, stage: str, start: int, steps: int):
-        self.make_batch, self.seed, self.stage_id = make_batch, seed, STAGES.index(stage) if stage in STAGES else 99
-        self.start, self.steps = start, steps
-
-    def __len__(self) -> int:
-        return self.steps - self.start
-
-    def __getitem__(self, k: int) -> dict:
-        rng = np.random.default_rng([self.seed, self.stage_id, self.start + k])
-        return {"seed": int(rng.integers(2**62)), **self.make_batch(rng)}
-
-
 def _loader_workers(device: torch.device, renders: bool = False) -> int:
     """Batch-building processes: none on a CPU (its cores are busy training). Beside a GPU, a few for
     batches read from a pool; for batches that render scenes as they are built (CLIP's shape groups:
@@ -174,10 +154,7 @@ def _loader_workers(device: torch.device, renders: bool = False) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# The training loop shared by all stages.
-
-LOG_EVERY = 25  # steps between reading losses back from the device (each read waits for the device)
-
+# The training loop shared by all stages: the project's one loop (`train_loop.Loop`).
 
 def _learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10 % of the peak (stateless: resume needs no scheduler)."""
@@ -201,69 +178,46 @@ def train_loop(
     stop_after: int | None = None,
     workers: int | None = None,
 ) -> list[dict[str, float]]:
-    """AdamW over `model`'s trainable parameters for `steps` steps. `make_batch(rng)` builds a step's
-    inputs on the CPU (see `StepBatches`); `loss_fn(batch on device, generator)` returns named losses
-    whose sum is minimised. Resumes from `work/<name>.checkpoint.safetensors` when present.
-    `stop_after` ends the run early after that many total steps (to test resuming). `workers`: batch-
-    building processes (default `_loader_workers(device)`); they change nothing but the speed."""
+    """AdamW over `model`'s trainable parameters for `steps` steps, in `train_loop.Loop`. `make_batch(rng)`
+    builds a step's inputs on the CPU, rng seeded by (recipe.seed, stage, step); `loss_fn(batch on
+    device, generator)` returns named losses whose sum is minimised. The learning rate warms up over
+    `recipe.warmup_steps`, then falls to a tenth (`_learning_rate`); gradients are clipped to norm 1.
+    `ema`: a copy of `model` that ends as the average of its weights (diffusers' `EMAModel`, decay up to
+    `recipe.ema_decay`). Resumes from `work/<name>.checkpoint.safetensors` when present (the history
+    from `work/<name>.history.json`). `stop_after` ends the run early after that many total steps (to
+    test resuming). `workers`: batch-building processes (default `_loader_workers(device)`); they change
+    nothing but the speed."""
     work.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, fused=device.type == "cuda")
     checkpoint = work / f"{name}.checkpoint.safetensors"
     history_file = work / f"{name}.history.json"
+    names = [n for n, _ in model.named_parameters()]
+    average = None if ema is None else EMAModel(ema.parameters(), decay=recipe.ema_decay, foreach=True)
     start, history = 0, []
     if checkpoint.exists():
-        tensors = load_file(str(checkpoint), device=str(device))
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        if ema is not None:
-            ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        load_optimizer_tensors(optimizer, tensors)
-        with safe_open(str(checkpoint), "pt") as f:
-            start = int(f.metadata()["step"])
+        start = load_training_state(checkpoint, model, optimizer, device, average, names)
         # the history may have been written just before a crash that kept the older checkpoint
         history = json.loads(history_file.read_text())[:start]
     end = min(steps, stop_after or steps)
-    workers = _loader_workers(device) if workers is None else workers
-    if workers:  # the workers tokenise; a tokenizer thread pool inside each would only oversubscribe
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    loader = DataLoader(StepBatches(make_batch, recipe.seed, name, start, end), batch_size=None,
-                        num_workers=workers, prefetch_factor=4 if workers else None,
-                        pin_memory=device.type == "cuda")
-    bar = tqdm(desc=f"pretrain {name}", initial=start, total=steps, dynamic_ncols=True)
-    pending: list[dict[str, torch.Tensor]] = []  # losses still on the device
-    model.train()
-    for step, batch in enumerate(loader, start):
-        generator = torch.Generator(device).manual_seed(batch.pop("seed"))
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(step, steps, lr, recipe.warmup_steps)
-        losses = loss_fn(batch, generator)
-        optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        if ema is not None:
-            decay = min(recipe.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-        pending.append({k: v.detach() for k, v in losses.items()})
-        done = step + 1
-        bar.update()
-        save = done % recipe.checkpoint_every == 0 or done == end
-        if len(pending) == LOG_EVERY or save:
-            columns = {k: torch.stack([p[k] for p in pending]).float().tolist() for k in pending[0]}
-            history += [{k: round(v[i], 6) for k, v in columns.items()} for i in range(len(pending))]
-            pending.clear()
-            bar.set_postfix({k: f"{v:.4f}" for k, v in history[-1].items()})
-        if save:
-            tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-            if ema is not None:
-                tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-            tensors.update(optimizer_tensors(optimizer))
+
+    def save(done: int, history: list) -> None:
+        if done % recipe.checkpoint_every == 0 or done == end:
             history_file.write_text(json.dumps(history))
-            save_safetensors_atomic(tensors, checkpoint, {"step": str(done)})
-    bar.close()
-    model.eval()
+            save_training_state(checkpoint, done, model, optimizer, average, names)
+
+    stage = STAGES.index(name) if name in STAGES else 99
+    loop = Loop(model, optimizer, lambda _model, batch, generator: loss_fn(batch, generator), with_noise_seed(make_batch),
+                key=lambda step, _micro: (recipe.seed, stage, step), steps=steps, device=device, start=start, end=end,
+                max_grad_norm=1.0, schedule=lambda o, last: StepRate(o, lambda step, peak: _learning_rate(
+                    step, steps, peak, recipe.warmup_steps), last),
+                ema=average, history=history, record=lambda losses: {k: round(v, 6) for k, v in losses.items()},
+                after_step=save, needs_history=lambda done: done % recipe.checkpoint_every == 0,
+                workers=_loader_workers(device) if workers is None else workers, description=f"pretrain {name}")
+    history = loop.run()
+    if average is not None:
+        average.copy_to(ema.parameters())
     return history
 
 

@@ -67,9 +67,9 @@ class PersonalConcept:
 
 # Sixteen identities: every shape three or four times, seven colours two or three times, the three
 # patterns five or six times, so each value is learnt from many other identities. All are patterned,
-# none green (a grass background, one of the edits, hides green), and none is one of the "sayable
-# objects" (`evaluation.sayable_objects`: every solid shape-colour pairing and twenty patterned ones),
-# which `elite-train --toy-fixed-objects` trains on (a test checks both).
+# none green (a grass background, one of the edits, hides green), and none is one of the v1 record's
+# "sayable objects" (every solid shape-colour pairing and twenty patterned ones), on which its
+# fixed-objects runs trained (a test checks both; docs/flags.md, "Removed").
 CONCEPTS: tuple[PersonalConcept, ...] = (
     PersonalConcept("heart", "red", "dotted"),
     PersonalConcept("circle", "red", "striped"),

@@ -160,3 +160,11 @@ def test_no_markdown_cell_of_a_chapter_is_over_250_words():
                   for index, cell in enumerate(nbformat.read(path, as_version=4).cells)
                   if cell.cell_type == "markdown" and len(cell.source.split()) > 250]
     assert not long_cells, f"markdown cells over 250 words (notebook, cell, words): {long_cells}"
+
+
+def test_the_shipped_assets_stay_within_40_mb():
+    """Every weight a chapter or figure uses is committed under assets/; the folder stays small enough to clone."""
+    from elite_tutorial.components import ASSETS_DIR
+
+    total = sum(path.stat().st_size for path in ASSETS_DIR.rglob("*") if path.is_file())
+    assert 0 < total <= 40e6, f"assets/ holds {total / 1e6:.1f} MB"

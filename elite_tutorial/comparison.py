@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     results = compare(components, GlobalMapper.from_pretrained(args.global_mapper), LocalMapper.from_pretrained(args.local_mapper),
                       CONCEPTS[:args.concepts], args.samples, args.seed, args.ti_profile,
                       args.ti_cache or args.results / WORDS_FILE, [m for m in METHODS if m in args.methods])
-    command = " ".join(["python -m elite_tutorial.comparison", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "-m", "elite_tutorial.comparison", *(sys.argv[1:] if argv is None else argv)])
     record(results, args.results, command)
     print(table(results["methods"]))
     if (ratio := speedup(results["methods"])) is not None:

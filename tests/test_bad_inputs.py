@@ -483,7 +483,7 @@ def test_elite_train_out_must_be_this_stages_run_or_new(tmp_path, capsys, monkey
     ("evaluation", ["--out", "{tmp}"], "argument --out: .* is a folder; give a file name"),
     ("evaluation", ["--out", "{tmp}/notes.txt/results.json"], "argument --out: cannot write .*notes.txt is a file"),
     ("comparison", ["--concepts", "0"], "argument --concepts: must be at least 1, not 0"),
-    ("comparison", ["--concepts", "99"], "there are 16 personal concepts, not 99"),
+    ("comparison", ["--concepts", "99"], "there are 16 test concepts, not 99"),
     ("comparison", ["--samples", "-1"], "argument --samples: must be at least 1, not -1"),
 ])
 def test_evaluation_commands_check_their_arguments_before_loading(tmp_path, capsys, monkeypatch, command, arguments, message):

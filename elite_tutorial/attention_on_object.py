@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .arguments import whole_number, writable_file
 from .attention import elite_attention
 from .attention_maps import capture_cross_attention
 from .components import ASSETS_DIR, load_components
+from .data import target_pixels
 from .evaluation import bootstrap_interval
 from .mappers import GlobalMapper
 from .pipeline import ELITEPipeline
@@ -45,7 +47,7 @@ def object_cells(mask: np.ndarray, resolution: int) -> torch.Tensor:
 def _reference_latents(components, views) -> torch.Tensor:
     """The reference views (image, mask) encoded by the VAE: (n, channels, h, w)."""
     vae = components.vae
-    pixels = torch.stack([torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1 for image, _ in views])
+    pixels = torch.stack([target_pixels(Image.fromarray(image), image.shape[0]) for image, _ in views])
     return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
 
 

@@ -28,7 +28,6 @@ Everything but the timings is a function of `--seed`: a rerun writes the same ro
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shlex
 import sys
@@ -55,7 +54,7 @@ from .evaluation import (
 from .mappers import GlobalMapper, LocalMapper
 from .metrics import load_metric_models
 from .pipeline import DEFAULT_LOCAL_SCALE, ELITEPipeline
-from .storage import write_json_atomic
+from .storage import tensors_digest, write_json_atomic
 from .toyworld.concepts import CONCEPTS, concept_views
 from .toyworld.judge import ToyJudge
 
@@ -66,14 +65,11 @@ WORDS_FILE = "textual_inversion_words.json"
 
 
 def components_fingerprint(components) -> str:
-    """A short hash of the weights Textual Inversion optimises through (text encoder, UNet, VAE): a cached
-    word is reused only with the components that made it."""
-    digest = hashlib.sha256()
-    for model in (components.text_encoder, components.unet, components.vae):
-        for name, tensor in sorted(model.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    """A short hash of the weights Textual Inversion optimises through (text encoder, UNet, VAE;
+    `storage.tensors_digest`): a cached word is reused only with the components that made it."""
+    models = {"text_encoder": components.text_encoder, "unet": components.unet, "vae": components.vae}
+    return tensors_digest({f"{name}.{key}": value for name, model in models.items()
+                           for key, value in model.state_dict().items()})[:16]
 
 
 def cached_inversions(components, concepts, ti_profile: str = "toy", seed: int = 0, cache: Path | None = None,

@@ -42,3 +42,25 @@ def test_the_command_writes_the_summary_with_its_command(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing.json"), str(paths[0]), "--out", str(out)])
     assert "no such report" in capsys.readouterr().err
+
+
+def test_minus_gives_the_paired_difference_concept_by_concept(tmp_path):
+    reports = [report([0.5, 0.7, 0.9]), report([0.6, 0.6, 1.0])]
+    partners = [report([0.4, 0.7, 0.7]), report([0.6, 0.5, 0.8])]
+    paired = summarise_seeds(reports, minus=partners)
+    assert paired["fidelity"] == pytest.approx(0.1)
+    assert paired["fidelity_per_seed"] == [0.1, 0.1]
+    assert paired["fidelity_interval"] == bootstrap_interval([0.05, 0.05, 0.2])  # the differences, averaged over seeds
+    with pytest.raises(ValueError, match="one report per seed"):
+        summarise_seeds(reports, minus=partners[:1])
+    with pytest.raises(ValueError, match="different concepts"):
+        summarise_seeds(reports, minus=[report([0.1, 0.2, 0.3], names=("a", "c", "b"))] * 2)
+    paths = {}
+    for name, r in {"r0": reports[0], "r1": reports[1], "m0": partners[0], "m1": partners[1]}.items():
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(r))
+    out = tmp_path / "gain.json"
+    main([str(paths["r0"]), str(paths["r1"]), "--minus", str(paths["m0"]), str(paths["m1"]), "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["minus"] == [paths["m0"].as_posix(), paths["m1"].as_posix()]
+    assert written["fidelity"] == pytest.approx(0.1)

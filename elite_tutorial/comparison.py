@@ -50,6 +50,7 @@ from .evaluation import (
     record_method,
     score,
     textual_inversion_generator,
+    with_interval,
 )
 from .mappers import GlobalMapper, LocalMapper
 from .metrics import load_metric_models
@@ -152,8 +153,7 @@ def table(methods: dict) -> str:
     lines = ["| method | " + " | ".join(COLUMNS) + " | seconds per concept |", "|---" * (len(COLUMNS) + 2) + "|"]
     for method, result in methods.items():
         summary = result["summary"]
-        values = [f"{summary[c]:.3f} [{summary[c + '_interval'][0]:.3f}, {summary[c + '_interval'][1]:.3f}]"
-                  for c in COLUMNS]
+        values = [with_interval(summary, c) for c in COLUMNS]
         lines.append(f"| {method} | " + " | ".join(values) + f" | {result['seconds_per_concept']:.4g} |")
     return "\n".join(lines)
 

@@ -193,6 +193,13 @@ def bootstrap_interval(values, confidence: float = 0.95, resamples: int = 10_000
     return [round(float(np.percentile(means, tail)), 3), round(float(np.percentile(means, 100 - tail)), 3)]
 
 
+
+def with_interval(summary: dict, figure: str, interval_digits: int = 3) -> str:
+    """A figure of a summary and its interval as one string, "0.806 [0.767, 0.844]": the way every
+    table here prints it (`summary[figure]` and `summary[figure + "_interval"]`)."""
+    low, high = summary[f"{figure}_interval"]
+    return f"{summary[figure]:.3f} [{low:.{interval_digits}f}, {high:.{interval_digits}f}]"
+
 def score(generate: Generate, judge: ToyJudge, concepts=CONCEPTS, samples: int = 8,
           metrics: MetricModels | None = None, progress: bool = False) -> dict:
     """The toy judge's fidelity and editability of a method (see the module doc), and with `metrics`

@@ -23,6 +23,7 @@ from .arguments import finite_number, whole_number
 from .components import load_components
 from .data import OpenImagesMaskSource, OpenImagesSource
 from .mappers import NUM_LEVELS, GlobalMapper
+from .step_speed import StepSpeed
 from .toyworld.sources import TOY_CONTEXT_PROBABILITY, ToyWorldSource
 from .training import LOCAL_PROFILES, PROFILES, check_run_folder, recipe_with, train_global, train_local
 
@@ -77,6 +78,15 @@ def _common_options(stage: argparse.ArgumentParser, profiles) -> None:
     stage.add_argument("--gradient-checkpointing", action="store_true")
     stage.add_argument("--data-workers", type=whole_number(0), default=0,
                        help="processes that build batches ahead (beside a GPU; the batches are the same)")
+    speed = stage.add_argument_group("speed", "how a step is computed on the hardware, never what it computes "
+                                              "(docs/full-scale.md, \"A faster step\")")
+    speed.add_argument("--micro-batch", type=whole_number(1),
+                       help="samples per forward pass: a multiple of --batch-size that divides batch x accumulation "
+                            "(the same samples and noise, in fewer passes)")
+    speed.add_argument("--channels-last", action="store_true", help="UNet and VAE convolutions in NHWC")
+    speed.add_argument("--tf32", action="store_true", help="fp32 matmuls on TF32 tensor cores (a GPU's)")
+    speed.add_argument("--compile-unet", action="store_true", help="torch.compile the UNet (pays after minutes of warm-up)")
+    speed.add_argument("--fused-adamw", action="store_true", help="AdamW's update in one kernel")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,6 +125,11 @@ def main(argv: list[str] | None = None) -> None:
         toy_options = dict(context_probability=args.toy_context_probability, global_view=args.toy_global_view,
                            target=args.toy_global_target)
     recipe = recipe_with(args.profile, args.stage, **overrides)
+    speed = StepSpeed(args.micro_batch, args.channels_last, args.tf32, args.compile_unet, args.fused_adamw)
+    try:
+        speed.merged(recipe.batch_size, recipe.gradient_accumulation)
+    except ValueError as error:
+        parser.error(f"--micro-batch: {error}")
     # frozen models in the compute dtype; the mapper keeps fp32 weights (autocast does the rest)
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     # the given mapper first (stage 1's start, stage 2's frozen one): a mistyped path fails before the components load
@@ -123,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     components = load_components(args.preset, device="cpu", dtype=dtype)
     options = dict(resume=args.resume == "latest", mixed_precision=args.mixed_precision,
                    gradient_checkpointing=args.gradient_checkpointing, data_workers=args.data_workers,
+                   speed=speed,
                    command=" ".join(["elite-train", *(sys.argv[1:] if argv is None else argv)]))
     source = _source(args.data, components, args.stage, **toy_options)
     if args.stage == "global":

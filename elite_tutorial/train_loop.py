@@ -9,6 +9,8 @@ their models, batches and losses, not in how a step is taken. A step, for every 
         generator = torch.Generator(device).manual_seed(batch["seed"])     the step's noise
         losses    = step_losses(model, batch, generator)                   named, summed
         accelerator.backward(sum(losses))  (divided by `accumulation`)
+
+(with `merge` > 1, `merge` micro-batches at a time in one pass, the generator a list of their generators)
     clip the gradient norm (optional); AdamW step; the learning-rate schedule steps; the EMA follows
 
 on `accelerate` (mixed precision, gradient accumulation, several processes), with the learning rate
@@ -55,18 +57,50 @@ class StepBatches(Dataset):
     """Item i is micro-batch i of the run from step `start` to `end` (`accumulation` micro-batches a
     step): `make_batch(rng)` with rng = `np.random.default_rng(key(step, micro))`, a dict that holds
     `seed`, the seed of the step's noise. Items do not depend on each other, so DataLoader workers can
-    build them ahead, and a resumed run sees the batches an uninterrupted run sees."""
+    build them ahead, and a resumed run sees the batches an uninterrupted run sees.
+
+    With `merge` > 1 an item is `merge` consecutive micro-batches of a step in one (`merge_batches`):
+    the same samples, computed in fewer, larger passes."""
 
     def __init__(self, make_batch: Callable[[np.random.Generator], dict], key: Callable[[int, int], Sequence[int]],
-                 start: int, end: int, accumulation: int = 1):
-        self.make_batch, self.key, self.start, self.end, self.accumulation = make_batch, key, start, end, accumulation
+                 start: int, end: int, accumulation: int = 1, merge: int = 1):
+        if accumulation % merge:
+            raise ValueError(f"{merge} micro-batches a pass do not divide the {accumulation} of a step.")
+        self.make_batch, self.key, self.start, self.end = make_batch, key, start, end
+        self.accumulation, self.merge = accumulation, merge
 
     def __len__(self) -> int:
-        return (self.end - self.start) * self.accumulation
+        return (self.end - self.start) * self.accumulation // self.merge
 
     def __getitem__(self, i: int) -> dict:
-        step, micro = divmod(i, self.accumulation)
-        return self.make_batch(np.random.default_rng(list(self.key(self.start + step, micro))))
+        step, first = divmod(i * self.merge, self.accumulation)
+        batches = [self.make_batch(np.random.default_rng(list(self.key(self.start + step, micro))))
+                   for micro in range(first, first + self.merge)]
+        return batches[0] if self.merge == 1 else merge_batches(batches)
+
+
+def merge_batches(batches: Sequence[dict]) -> dict:
+    """Micro-batches as one: tensors concatenated along the batch, lists joined, and `seed` the list of
+    their noise seeds (the loop makes one generator of each, so every part draws the noise it drew alone)."""
+    merged = {}
+    for name, first in batches[0].items():
+        values = [batch[name] for batch in batches]
+        if name == "seed":
+            merged[name] = values
+        elif torch.is_tensor(first):
+            merged[name] = torch.cat(values)
+        elif isinstance(first, list):
+            merged[name] = [item for value in values for item in value]
+        else:
+            raise TypeError(f"merge_batches: {name!r} is a {type(first).__name__}; batches hold tensors and lists.")
+    return merged
+
+
+def noise_generators(seed: int | list[int], device: torch.device) -> torch.Generator | list[torch.Generator]:
+    """The generator of a micro-batch's noise, or for merged micro-batches one per part, in order."""
+    if isinstance(seed, list):
+        return [torch.Generator(device).manual_seed(s) for s in seed]
+    return torch.Generator(device).manual_seed(seed)
 
 
 Schedule = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
@@ -143,6 +177,8 @@ class Loop:
     it is `accelerator.prepare`d with the optimizer and handed to `step_losses`. Trainers put their
     models on `device` themselves (`accelerate` places nothing: a CPU run stays on the CPU beside a
     GPU); the loop moves each batch's tensors there.
+    merge: micro-batches computed together in one pass (`StepBatches`); `step_losses` then gets one
+    generator per micro-batch, in a list, and must return means over the samples (the parts are equal).
     history: the steps before `start` (a resumed run's); `record(mean losses)` is what each new step adds.
     after_step(done, history): called after each step, with the history read back up to `done` when
     `needs_history(done)` (a checkpoint's steps) and at the end.
@@ -158,6 +194,7 @@ class Loop:
     start: int = 0
     end: int | None = None
     accumulation: int = 1
+    merge: int = 1
     max_grad_norm: float | None = None
     schedule: Schedule = constant_schedule
     mixed_precision: str = "no"
@@ -172,7 +209,8 @@ class Loop:
 
     def __post_init__(self):
         self.end = self.steps if self.end is None else min(self.end, self.steps)
-        self.accelerator = Accelerator(gradient_accumulation_steps=self.accumulation,
+        self.passes = self.accumulation // self.merge  # forward passes a step (StepBatches checks that merge divides)
+        self.accelerator = Accelerator(gradient_accumulation_steps=self.passes,
                                        mixed_precision=self.mixed_precision, device_placement=False)
 
     def unwrap(self) -> torch.nn.Module | None:
@@ -193,7 +231,7 @@ class Loop:
         trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         if self.workers:  # the workers tokenise; a tokenizer thread pool inside each would only oversubscribe
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        batches = iter(DataLoader(StepBatches(self.make_batch, self.key, self.start, self.end, self.accumulation),
+        batches = iter(DataLoader(StepBatches(self.make_batch, self.key, self.start, self.end, self.accumulation, self.merge),
                                   batch_size=None, num_workers=self.workers, prefetch_factor=4 if self.workers else None,
                                   worker_init_fn=_one_thread if self.workers else None,
                                   pin_memory=device.type == "cuda",
@@ -204,9 +242,9 @@ class Loop:
         pending: list[list[dict[str, torch.Tensor]]] = []  # each step's micro-batch losses, still on the device
         for step in bar:
             micro_losses = []
-            for _ in range(self.accumulation):
+            for _ in range(self.passes):
                 batch = next(batches)
-                generator = torch.Generator(device).manual_seed(batch.pop("seed"))
+                generator = noise_generators(batch.pop("seed"), device)
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 with accelerator.accumulate(*[m for m in (self.prepared,) if m is not None]), accelerator.autocast():
                     losses = self.step_losses(self.prepared, batch, generator)
@@ -233,9 +271,9 @@ class Loop:
         return self.history
 
     def _mean(self, micro_losses: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """A step's losses, each the mean over its micro-batches (read back from the device)."""
+        """A step's losses, each the mean over its passes (read back from the device)."""
         sums: dict[str, float] = {}
         for losses in micro_losses:
             for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / self.accumulation
+                sums[k] = sums.get(k, 0.0) + float(v) / len(micro_losses)
         return sums

@@ -43,12 +43,14 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import extract_model_from_parallel
 from diffusers import DDPMScheduler
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 
 from .attention import LocalTokens, elite_attention, set_local_tokens
 from .components import Components
 from .data import LOCAL_BATCH_VIEWS, LocalTrainingSource, TrainingSource, clip_normalise
 from .mappers import NUM_LEVELS, GlobalMapper, LocalMapper, clip_feature_levels, mask_local_tokens
+from .step_speed import StepSpeed
 from .storage import atomic_directory, foreign_entries, refuse_foreign, write_json_atomic
 from .train_loop import Loop, load_training_state, save_training_state, with_noise_seed
 from .words import encode_prompts_with_words, tokenize_with_placeholder
@@ -127,13 +129,22 @@ LOCAL_PROFILES = {
 
 @torch.no_grad()
 def _noised_latents(components: Components, pixel_values: torch.Tensor, noise_scheduler: DDPMScheduler,
-                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """VAE latents of the targets (B, 3, H, W) in [-1, 1], noised at random timesteps: (noisy, noise, t)."""
+                    generator: torch.Generator | list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VAE latents of the targets (B, 3, H, W) in [-1, 1], noised at random timesteps: (noisy, noise, t).
+
+    `generator`: one, or a list of k for a batch of k merged micro-batches (`train_loop.merge_batches`),
+    each drawing its part's latent sample, noise and timesteps as it would alone."""
     c, device = components, components.device
-    latents = c.vae.encode(pixel_values.to(device, c.vae.dtype)).latent_dist.sample(generator) * c.vae.config.scaling_factor
-    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              generator=generator, device=device)
+    moments = c.vae.encode(pixel_values.to(device, c.vae.dtype)).latent_dist.parameters
+    generators = generator if isinstance(generator, list) else [generator]
+    parts = []
+    for part, g in zip(moments.chunk(len(generators)), generators, strict=True):
+        latents = DiagonalGaussianDistribution(part).sample(g) * c.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=g, device=device, dtype=latents.dtype)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=g, device=device)
+        parts.append((latents, noise, timesteps))
+    latents, noise, timesteps = (torch.cat(tensors) for tensors in zip(*parts))
     return noise_scheduler.add_noise(latents, noise, timesteps), noise, timesteps
 
 
@@ -145,8 +156,10 @@ def _levels(components: Components, pixels01: torch.Tensor) -> list[torch.Tensor
 
 
 def training_step_losses(components: Components, mapper: GlobalMapper, batch: dict, recipe: GlobalRecipe,
-                         noise_scheduler: DDPMScheduler, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """The two losses of one (micro-)batch. ELITE's processors must be installed on the UNet.
+                         noise_scheduler: DDPMScheduler,
+                         generator: torch.Generator | list[torch.Generator]) -> dict[str, torch.Tensor]:
+    """The two losses of one (micro-)batch, each a mean over its samples. ELITE's processors must be
+    installed on the UNet. `generator`: the batch's noise, or one per merged micro-batch (`_noised_latents`).
 
     batch: `pixel_values` (B, 3, H, W) in [-1, 1] (the UNet's target image), `clip_pixels`
     (B, 3, S, S) in [0, 1] (the augmented image for CLIP), `prompts` (B strings with `S`).
@@ -162,7 +175,8 @@ def training_step_losses(components: Components, mapper: GlobalMapper, batch: di
 
 
 def local_step_losses(components: Components, global_mapper: GlobalMapper, local_mapper: LocalMapper, batch: dict,
-                      recipe: LocalRecipe, noise_scheduler: DDPMScheduler, generator: torch.Generator) -> dict[str, torch.Tensor]:
+                      recipe: LocalRecipe, noise_scheduler: DDPMScheduler,
+                      generator: torch.Generator | list[torch.Generator]) -> dict[str, torch.Tensor]:
     """The two stage-2 losses of one (micro-)batch. ELITE's processors, with the local mapper's
     copies, must be installed on the UNet.
 
@@ -184,7 +198,9 @@ def local_step_losses(components: Components, global_mapper: GlobalMapper, local
         context = encode_prompts_with_words(batch["prompts"], w0.to(c.text_encoder.dtype), c.tokenizer, c.text_encoder)
     tokens = mask_local_tokens(local_mapper(_levels(c, batch["object_pixels"])), batch["object_mask"].to(c.device))
     _, primary = tokenize_with_placeholder(c.tokenizer, batch["prompts"], 1)
-    set_local_tokens(c.unet, LocalTokens(tokens, torch.arange(len(tokens)), primary, recipe.local_scale))
+    # on the device once, not copied from the host by each attention layer
+    rows, primary = torch.arange(len(tokens), device=c.device), primary.to(c.device, non_blocking=True)
+    set_local_tokens(c.unet, LocalTokens(tokens, rows, primary, recipe.local_scale))
     prediction = c.unet(noisy, timesteps, encoder_hidden_states=context).sample
     valid = batch["valid_mask"].to(c.device, torch.float32)
     squared = (prediction.float() - noise.float()).square()
@@ -330,6 +346,7 @@ def _train(
     stop_after: int | None,
     command: str | None,
     data_workers: int = 0,
+    speed: StepSpeed = StepSpeed(),
 ):
     """AdamW on `mapper`'s trainable parameters in the shared loop (`train_loop.Loop`, on `accelerate`),
     with the run folder's checkpoints, validation images and log.
@@ -338,17 +355,19 @@ def _train(
     `attention(mapper)` installs ELITE's processors for the whole run; `validate(mapper, png path)`.
     `next_batch(rng, batch_size)` builds a micro-batch; micro-batch m of step k draws from the seed
     (recipe seed, k, process, m). `data_workers` processes build batches ahead (0: in the training
-    process, between steps).
+    process, between steps). `speed`: how the steps are computed (`step_speed.StepSpeed`), never what.
     """
+    merge = speed.merged(recipe.batch_size, recipe.gradient_accumulation)  # refused before any work
     check_run_folder(out, stage, resume)
     state = PartialState()
     scale = recipe.batch_size * recipe.gradient_accumulation * state.num_processes
-    optimizer = torch.optim.AdamW(_parameter_groups(mapper, recipe.learning_rate * scale, recipe.key_value_lr_scale),
-                                  weight_decay=recipe.weight_decay)
+    optimizer = speed.adamw(_parameter_groups(mapper, recipe.learning_rate * scale, recipe.key_value_lr_scale),
+                            recipe.weight_decay)
     start, history = 0, []
     if resume:
         start, history = _resume(out, mapper, optimizer, recipe, state.device)
-    log = {"stage": stage, "command": command, "recipe": asdict(recipe)}
+    # the speed options are logged, not part of the recipe: a run may resume with others
+    log = {"stage": stage, "command": command, "recipe": asdict(recipe), "speed": asdict(speed)}
     end = recipe.steps if stop_after is None else min(stop_after, recipe.steps)
 
     def after_step(done: int, history: list) -> None:
@@ -363,12 +382,13 @@ def _train(
         make_batch=with_noise_seed(lambda rng: next_batch(rng, recipe.batch_size)),
         key=lambda step, micro: (recipe.seed, step, state.process_index, micro),
         steps=recipe.steps, device=state.device, start=start, end=end, accumulation=recipe.gradient_accumulation,
+        merge=merge,
         max_grad_norm=recipe.max_grad_norm, mixed_precision=mixed_precision, history=history,
         record=lambda losses: {k: float(f"{v:.6g}") for k, v in losses.items()},  # 6 significant digits: the reg losses are small
         after_step=after_step, needs_history=lambda done: done % recipe.checkpoint_every == 0,
         workers=data_workers, description=f"train {stage} mapper")
     started = time.perf_counter()
-    with attention(mapper):
+    with speed.applied(components), attention(mapper):
         log["history"] = loop.run()
     log["seconds"] = round(time.perf_counter() - started, 1)
     if loop.accelerator.is_main_process and end == recipe.steps:
@@ -413,6 +433,7 @@ def train_global(
     command: str | None = None,
     data_workers: int = 0,
     initial_mapper: GlobalMapper | None = None,
+    speed: StepSpeed = StepSpeed(),
 ) -> GlobalMapper:
     """Train a global mapper on `components` (frozen) with samples from `source`; see the module docstring.
 
@@ -420,7 +441,8 @@ def train_global(
     `command` (the command line, if any) is recorded in the log. `data_workers` processes build the
     batches ahead (worth it beside a GPU; the batches are the same either way). `initial_mapper`:
     start from its weights (k/v copies included) instead of fresh ones, e.g. to fine-tune the
-    authors' checkpoint; it must read the source's view.
+    authors' checkpoint; it must read the source's view. `speed`: the step's speed options
+    (`step_speed.StepSpeed`; they change how fast a step runs, not what it computes).
     """
     components = components.to(PartialState().device)
     if gradient_checkpointing:  # the UNet's activations dominate the memory of a step
@@ -444,7 +466,7 @@ def train_global(
         attention=lambda m: elite_attention(components.unet, m),
         validate=lambda m, path: _validation_grid(components, m, source, path, recipe.seed),
         resume=resume, mixed_precision=mixed_precision, stop_after=stop_after, command=command,
-        data_workers=data_workers)
+        data_workers=data_workers, speed=speed)
 
 
 def train_local(
@@ -459,6 +481,7 @@ def train_local(
     stop_after: int | None = None,
     command: str | None = None,
     data_workers: int = 0,
+    speed: StepSpeed = StepSpeed(),
 ) -> LocalMapper:
     """Stage 2: train a local mapper (its MLPs and local k/v copies) with `global_mapper` and its k/v
     copies frozen; see `local_step_losses`. Same options, checkpoints and output as `train_global`."""
@@ -477,7 +500,7 @@ def train_local(
         attention=lambda m: elite_attention(components.unet, global_mapper, local_mapper=m),
         validate=lambda m, path: _validation_grid(components, global_mapper, source, path, recipe.seed, local_mapper=m),
         resume=resume, mixed_precision=mixed_precision, stop_after=stop_after, command=command,
-        data_workers=data_workers)
+        data_workers=data_workers, speed=speed)
 
 
 def recipe_with(profile: str, stage: str = "global", **overrides) -> GlobalRecipe | LocalRecipe:

@@ -194,8 +194,9 @@ def encode_prompts_with_words(
     input_ids, start = tokenize_with_placeholder(tokenizer, list(prompts), num_words, placeholder)
     positions = start[:, None] + torch.arange(num_words)
     device = text_encoder.device
-    with injected_token_embeddings(text_encoder, positions.to(device), words.to(device)):
-        return text_encoder(input_ids.to(device)).last_hidden_state
+    # non-blocking: a small copy from the host is staged at once, and the host need not wait for the GPU
+    with injected_token_embeddings(text_encoder, positions.to(device, non_blocking=True), words.to(device)):
+        return text_encoder(input_ids.to(device, non_blocking=True)).last_hidden_state
 
 
 def compound_embeddings(components, phrases: list[str]) -> torch.Tensor:

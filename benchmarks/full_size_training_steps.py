@@ -14,17 +14,21 @@ each stage, these configurations run in one process:
 
 Each row reports the FLOPs of one micro-step, counted by `torch.utils.flop_counter.FlopCounterMode`
 during the warm-up step (matmuls, convolutions and attention, forward and backward). It also reports
-the median seconds of `--repeats` timed micro-steps, samples per second and, on a GPU, the peak
+the median seconds of `--repeats` timed micro-steps, samples per second, the seconds of the loss
+check's step (a compiled UNet's compilation among them) and, on a GPU, the peak
 memory and the model FLOP utilisation (FLOPs / seconds / the card's dense bf16 peak, named in the
 output). Each micro-step here takes an AdamW step: the trainer takes one every `accumulation` passes.
 
 The loss check starts every configuration from the same fresh mapper. It feeds each one the same
 samples, one step's worth at the largest micro-batch: the authors' micro-batches, each with its own
 noise generator. It then compares the step's mean loss and its accumulated gradient with the plain
-step's (passes of the authors' micro-batch).
+step's (passes of the authors' micro-batch). A row within `SAME_LOSS` and `SAME_GRADIENT` of it
+takes the same step (`same_step`); the figures name the fastest of those.
 
     python benchmarks/full_size_training_steps.py                 # CPU: 256 px, batch 1, fp32; the regression check
     python benchmarks/full_size_training_steps.py --device cuda   # GPU: 512 px, bf16 autocast, frozen models in bf16
+    python benchmarks/full_size_training_steps.py --flops-only --out results/full_size_step_flops.json
+                                                                  # FLOPs of the plain step at 512 px, on any machine
 
 The GPU run writes `results/full_size_training_steps_<card>.json` and stays within `--time-budget`
 seconds: a configuration that would not fit in what is left is skipped and says so.
@@ -67,6 +71,9 @@ AUTHORS_GPUS = 4
 # dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, by a name's part; first match wins
 DENSE_BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("A100", 312.0))
 COMPILE_SECONDS_ALLOWANCE = 240  # a compiled configuration is not started with less time than this left
+# the same step: the loss to the issue's 1e-3; the gradient to 5e-2, above bf16's rounding between batchings
+# and below what a lost gradient path moves it (0.1 to 1, seen with inductor on the CPU)
+SAME_LOSS, SAME_GRADIENT = 1e-3, 5e-2
 
 
 # FlopCounterMode counts the GPU's attention kernels; the CPU's fused one gets the same formulas
@@ -201,12 +208,11 @@ def measure(components: Components, stage: str, configuration: Configuration, pa
             # the loss check: one step's samples, from the fresh mapper (the compiled UNet compiles here)
             loss, gradient = step.accumulated(parts, seeds, merge)
             synchronize(device)
-            result["first_pass_seconds"] = round(time.perf_counter() - started, 2)
-            counter = FlopCounterMode(display=False) if count_flops else nullcontext()
-            with counter:  # the warm-up micro-step
+            result["loss_check_seconds"] = round(time.perf_counter() - started, 2)
+            if count_flops:  # the warm-up micro-step
+                result["flops_per_micro_step"], result["flops_by_model"] = counted(lambda: step.step(batch, batch_seeds))
+            else:
                 step.step(batch, batch_seeds)
-            if count_flops:
-                result["flops_per_micro_step"] = counter.get_total_flops()
             syncs = sync_warnings(device, lambda: step.step(batch, batch_seeds))
             if syncs is not None:
                 result["host_syncs_per_micro_step"] = len(syncs)
@@ -230,6 +236,29 @@ def measure(components: Components, stage: str, configuration: Configuration, pa
     samples_per_gpu = recipe.steps * recipe.batch_size * recipe.gradient_accumulation
     result["authors_recipe_hours_on_4"] = round(samples_per_gpu / result["samples_per_second"] / 3600, 1)
     return result, loss, gradient
+
+
+def counted(run) -> tuple[int, dict[str, int]]:
+    """The FLOPs `run()` computes (torch's FlopCounterMode), in all and by the model that computes them."""
+    with FlopCounterMode(display=False) as counter:
+        run()
+    by_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    top_level = {name: flops for name, flops in by_module.items() if "." not in name and name != "Global"}
+    return counter.get_total_flops(), dict(sorted(top_level.items(), key=lambda item: -item[1]))
+
+
+def count_flops_only(components: Components, resolution: int, autocast_dtype) -> dict:
+    """FLOPs of one plain micro-step of each stage at the authors' micro-batch, without timing: the
+    count depends on the shapes alone, so any machine gives the GPU's."""
+    report = {}
+    for stage, recipe in RECIPES.items():
+        step = StageStep(components, stage, StepSpeed(), autocast_dtype)
+        batch = random_batch(stage, recipe.batch_size, resolution, components.device, 0)
+        with step.attention():
+            total, by_model = counted(lambda: step.step(batch, 0))
+        report[stage] = {"micro_batch": recipe.batch_size, "flops_per_micro_step": total,
+                         "flops_per_sample": total // recipe.batch_size, "flops_by_model": by_model}
+    return report
 
 
 def sync_warnings(device, step) -> list[str] | None:
@@ -287,11 +316,13 @@ def main(argv=None):
     parser.add_argument("--compile", choices=("yes", "no"), help="run the compiled configurations (GPU: yes, CPU: no)")
     parser.add_argument("--time-budget", type=float, default=540, help="seconds the whole run may take")
     parser.add_argument("--out", type=Path, help="the JSON file (GPU: results/full_size_training_steps_<card>.json)")
+    parser.add_argument("--flops-only", action="store_true",
+                        help="count one plain micro-step's FLOPs per stage at the authors' micro-batch (512 px), no timing")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    resolution = args.resolution or (512 if gpu else 256)
+    resolution = args.resolution or (512 if gpu or args.flops_only else 256)
     repeats = args.repeats or (10 if gpu else 1)
     compiled = (args.compile or ("yes" if gpu else "no")) == "yes"
     autocast_dtype = torch.bfloat16 if gpu else None
@@ -303,6 +334,19 @@ def main(argv=None):
               "dense_bf16_peak_tflops": peak, "resolution": resolution,
               "precision": "bf16 autocast, frozen models in bf16" if gpu else "fp32", "repeats": repeats,
               "rows": [], "loss_check": {}, "skipped": []}
+    out = args.out or (RESULTS / f"full_size_training_steps_{card_slug(name)}.json" if gpu and not args.flops_only else None)
+
+    def save() -> None:  # after every row: a run cut short keeps what it measured
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        if out is not None:
+            out.write_text(json.dumps(report, indent=1) + "\n")
+
+    if args.flops_only:
+        report = {key: report[key] for key in ("command", "date", "device", "torch", "resolution", "precision")}
+        report.update(count_flops_only(components, resolution, autocast_dtype))
+        save()
+        print(json.dumps(report, indent=1))
+        return report
 
     def left() -> float:
         return args.time_budget - (time.perf_counter() - started)
@@ -334,6 +378,7 @@ def main(argv=None):
             if peak:
                 row["model_flop_utilisation"] = round(row["flops_per_micro_step"] / row["seconds_per_micro_step"] / (peak * 1e12), 4)
             report["rows"].append(row)
+            save()
             checked[configuration.name] = (loss, gradient)
             print(json.dumps(row), flush=True)
         plain_loss, plain_gradient = checked["plain"]
@@ -342,21 +387,22 @@ def main(argv=None):
             **{name: {"loss": loss, "loss_relative_difference": abs(loss - plain_loss) / abs(plain_loss),
                       "gradient_relative_difference": float((gradient - plain_gradient).norm() / plain_gradient.norm())}
                for name, (loss, gradient) in checked.items() if name != "plain"}}
+        for row in report["rows"]:
+            if row["stage"] == stage:
+                check = report["loss_check"][stage].get(row["configuration"])
+                row["same_step"] = check is None or (check["loss_relative_difference"] <= SAME_LOSS
+                                                     and check["gradient_relative_difference"] <= SAME_GRADIENT)
     report["figures"] = figures(report)
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    out = args.out or (RESULTS / f"full_size_training_steps_{card_slug(name)}.json" if gpu else None)
-    text = json.dumps(report, indent=1)
-    if out is not None:
-        out.write_text(text + "\n")
-    print(text)
+    save()
+    print(json.dumps(report, indent=1))
     return report
 
 
 def figures(report: dict) -> dict:
-    """The issue's figures: the best configuration's utilisation and its speed over the plain step's."""
+    """The best configuration that takes the same step: its utilisation, its speed over the plain step's."""
     result = {}
     for stage in ("global", "local"):
-        rows = [r for r in report["rows"] if r["stage"] == stage]
+        rows = [r for r in report["rows"] if r["stage"] == stage and r["same_step"]]
         plain = next(r for r in rows if r["configuration"] == "plain")
         best = max(rows, key=lambda r: r["samples_per_second"])
         result[stage] = {"best": f"{best['configuration']} (micro-batch {best['micro_batch']})",

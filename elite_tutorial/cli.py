@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from .arguments import finite_number, whole_number
 from .components import load_components
@@ -130,6 +131,10 @@ def main(argv: list[str] | None = None) -> None:
         speed.merged(recipe.batch_size, recipe.gradient_accumulation)
     except ValueError as error:
         parser.error(f"--micro-batch: {error}")
+    try:
+        speed.check_device(PartialState().device)
+    except ValueError as error:
+        parser.error(f"--compile-unet: {error}")
     # frozen models in the compute dtype; the mapper keeps fp32 weights (autocast does the rest)
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     # the given mapper first (stage 1's start, stage 2's frozen one): a mistyped path fails before the components load

@@ -12,7 +12,9 @@ CPU test that the loss of one step is unchanged with it (`tests/test_step_speed.
 - `tf32`: fp32 matmuls on TF32 tensor cores. Under bf16 autocast only what autocast keeps in fp32
   changes. No effect on a CPU.
 - `compile_unet`: `torch.compile` of the UNet, in place (`nn.Module.compile`). It pays after a warm-up
-  of minutes; the validation images compile a second graph.
+  of minutes; the validation images compile a second graph. Refused on the CPU: there, torch 2.13's
+  inductor code drops the gradient through diffusers' upsampling blocks. The compiled UNet's
+  gradients into the mid block's k/v copies come out zero.
 - `fused_adamw`: AdamW's update of all the mapper's tensors in one kernel (`fused=True`).
 
 What needs no option is already done in every step. The frozen parts run under `torch.no_grad`: the
@@ -57,6 +59,14 @@ class StepSpeed:
         """Every option on."""
         return cls(micro_batch, channels_last=True, tf32=True, compile_unet=compile_unet, fused_adamw=True)
 
+    def check_device(self, device: torch.device) -> None:
+        """Refuse what computes a different step on `device`: the UNet compiled by inductor on a CPU."""
+        if self.compile_unet and self.compile_backend == "inductor" and torch.device(device).type == "cpu":
+            raise ValueError(
+                "compile_unet on the CPU: inductor's CPU code for the UNet computes wrong gradients (those through "
+                "diffusers' upsampling blocks come out zero), so the step would not be the same; compile on a GPU, "
+                "where benchmarks/full_size_training_steps.py checks the compiled step's loss and gradient.")
+
     def merged(self, batch_size: int, accumulation: int) -> int:
         """How many of the recipe's micro-batches (`batch_size` samples, `accumulation` a step) one
         forward pass computes: `micro_batch / batch_size`, which must divide `accumulation`."""
@@ -74,6 +84,7 @@ class StepSpeed:
     def applied(self, components: Components) -> Iterator[Components]:
         """`components` with the options that act on models and on torch (channels-last, TF32, the
         compiled UNet) in force inside the block, and as they were after it."""
+        self.check_device(components.device)
         models = (components.unet, components.vae)
         precisions = [setting.fp32_precision for setting in FP32_PRECISION_SETTINGS]
         try:

@@ -357,9 +357,10 @@ def _train(
     (recipe seed, k, process, m). `data_workers` processes build batches ahead (0: in the training
     process, between steps). `speed`: how the steps are computed (`step_speed.StepSpeed`), never what.
     """
-    merge = speed.merged(recipe.batch_size, recipe.gradient_accumulation)  # refused before any work
-    check_run_folder(out, stage, resume)
     state = PartialState()
+    merge = speed.merged(recipe.batch_size, recipe.gradient_accumulation)  # refused before any work
+    speed.check_device(state.device)
+    check_run_folder(out, stage, resume)
     scale = recipe.batch_size * recipe.gradient_accumulation * state.num_processes
     optimizer = speed.adamw(_parameter_groups(mapper, recipe.learning_rate * scale, recipe.key_value_lr_scale),
                             recipe.weight_decay)

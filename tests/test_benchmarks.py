@@ -49,6 +49,7 @@ def test_the_full_size_step_benchmark_runs_on_the_cpu(tmp_path, monkeypatch):
         rows = {r["configuration"]: r for r in report["rows"] if r["stage"] == stage}
         assert set(rows) == {"plain", "plain + checkpointing", "fast", "fast, largest"}
         assert all(r["flops_per_micro_step"] > 1e11 and r["seconds_per_micro_step"] > 0 for r in rows.values())
+        assert all(r["same_step"] for r in rows.values())
         # the counted FLOPs follow the samples; checkpointing recomputes the UNet's forward pass
         assert rows["fast, largest"]["flops_per_micro_step"] == pytest.approx(2 * rows["fast"]["flops_per_micro_step"], rel=1e-3)
         assert rows["fast"]["flops_per_micro_step"] == rows["plain"]["flops_per_micro_step"]

@@ -243,3 +243,39 @@ def test_the_frozen_towers_run_without_gradients(tiny, tmp_path):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def test_the_inductor_compiled_unet_is_refused_on_the_cpu(tiny, tmp_path, capsys):
+    with pytest.raises(ValueError, match="compile_unet on the CPU"):
+        train_global(tiny, source(), tmp_path / "run", RECIPE, speed=StepSpeed(compile_unet=True))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit):
+        elite_train(["global", "--preset", "tiny-random", "--profile", "smoke", "--compile-unet", "--out", str(tmp_path / "cli")])
+    assert "--compile-unet: compile_unet on the CPU" in capsys.readouterr().err
+
+
+@pytest.mark.research
+def test_why_inductor_is_refused_on_the_cpu(tiny):
+    """The reason for the refusal above: compiled by inductor for the CPU, the tiny UNet's up block with
+    an upsampler passes no gradient back to its input, where the same graph uncompiled, or traced and
+    decomposed without inductor's code, does. If this fails, torch has fixed it: lift the refusal."""
+    block = tiny.unet.up_blocks[0]
+    assert block.upsamplers is not None
+    generator = torch.Generator().manual_seed(0)
+    width = block.resnets[0].conv2.out_channels  # the mid block's output, and each resnet's
+    hidden = torch.randn(2, width, 8, 8, generator=generator)
+    skips = tuple(torch.randn(2, r.conv1.in_channels - width, 8, 8, generator=generator) for r in reversed(block.resnets))
+    temb = torch.randn(2, tiny.unet.time_embedding.linear_2.out_features, generator=generator)
+    weights = torch.randn(2, width, 16, 16, generator=generator)
+
+    def gradient(backend):
+        x = hidden.clone().requires_grad_(True)
+        run = block if backend is None else torch.compile(block, backend=backend)
+        (run(x, skips, temb) * weights).sum().backward()
+        torch._dynamo.reset()
+        return x.grad
+
+    eager = gradient(None)
+    assert eager.norm() > 0
+    torch.testing.assert_close(gradient("aot_eager_decomp_partition"), eager, rtol=1e-4, atol=1e-5)
+    assert gradient("inductor").norm() == 0

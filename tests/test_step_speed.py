@@ -279,3 +279,12 @@ def test_why_inductor_is_refused_on_the_cpu(tiny):
     assert eager.norm() > 0
     torch.testing.assert_close(gradient("aot_eager_decomp_partition"), eager, rtol=1e-4, atol=1e-5)
     assert gradient("inductor").norm() == 0
+
+
+def test_the_command_passes_the_speed_options_and_logs_them(tmp_path):
+    elite_train(["global", "--preset", "tiny-random", "--profile", "smoke", "--steps", "1", "--batch-size", "2",
+                 "--gradient-accumulation", "2", "--micro-batch", "4", "--channels-last", "--tf32", "--fused-adamw",
+                 "--out", str(tmp_path / "run")])
+    speed = json.loads((tmp_path / "run" / "log.json").read_text())["speed"]
+    assert speed == {"micro_batch": 4, "channels_last": True, "tf32": True, "compile_unet": False, "fused_adamw": True,
+                     "compile_backend": "inductor"}

@@ -187,9 +187,7 @@ def measure(components: Components, stage: str, configuration: Configuration, pa
     mode, then `repeats` timed ones. Returns (the row, the check's loss, its gradient)."""
     device, authors_batch = components.device, len(parts[0]["prompts"])
     merge = configuration.micro_batch // authors_batch
-    batch, batch_seeds = merge_batches(parts[:merge]), seeds[:merge]
-    if merge == 1:
-        batch, batch_seeds = parts[0], seeds[0]
+    batch, batch_seeds = (parts[0], seeds[0]) if merge == 1 else (merge_batches(parts[:merge]), seeds[:merge])
     gpu = device.type == "cuda"
     if gpu:
         gc.collect()

@@ -9,13 +9,12 @@ their models, batches and losses, not in how a step is taken. A step, for every 
         generator = torch.Generator(device).manual_seed(batch["seed"])     the step's noise
         losses    = step_losses(model, batch, generator)                   named, summed
         accelerator.backward(sum(losses))  (divided by `accumulation`)
-
-(with `merge` > 1, `merge` micro-batches at a time in one pass, the generator a list of their generators)
     clip the gradient norm (optional); AdamW step; the learning-rate schedule steps; the EMA follows
 
 on `accelerate` (mixed precision, gradient accumulation, several processes), with the learning rate
 from `diffusers.optimization.get_scheduler` (or a schedule of the same kind, see `step_schedule`) and
-the weights' average kept by `diffusers.training_utils.EMAModel`.
+the weights' average kept by `diffusers.training_utils.EMAModel`. With `merge` > 1 the loop computes
+`merge` micro-batches in one pass, and the generator is the list of their generators (`StepBatches`).
 
 Every step's randomness comes from the step alone, so a run stopped at step k and resumed from its
 checkpoint (`save_training_state` / `load_training_state`: one safetensors file, no pickle) reaches the
